@@ -1,0 +1,159 @@
+"""Data CLI.
+
+    python -m mmjax.data check --config=configs/<name>.py [--config.data.max_length=4096]
+        Builds every record of every source (images decoded, tokenized, truncated) and prints per-source
+        counts (samples per epoch, images, tiles, tokens, supervised tokens) and every bad record as
+        ``file:line: reason``. Exit status 1 if any record is bad.
+
+    python -m mmjax.data show --config=configs/<name>.py --index=N
+        Sample N of the epoch index: the rendered conversation with supervised spans in [[...]] (green
+        on a terminal), image blocks collapsed, the tile grid of every image and the token counts.
+
+The tokenizer comes from ``config.tokenizer_path`` if set, else ``config.model_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config() with a `data` field).")
+_INDEX = flags.DEFINE_integer("index", 0, "Sample index for `show`.")
+_COLOR = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"], "Colour supervised spans in `show`.")
+
+USAGE = "usage: python -m mmjax.data check|show --config=configs/<name>.py [--index=N]"
+
+
+class CliError(Exception):
+    pass
+
+
+def _tokenizer_for(config):
+    from mmjax.data.tokenizer import load_tokenizer
+    path = config.get("tokenizer_path") or config.get("model_path")
+    if not path:
+        raise CliError("config has neither tokenizer_path nor model_path: set --config.tokenizer_path=DIR")
+    if not os.path.isdir(path):
+        key = "tokenizer_path" if config.get("tokenizer_path") else "model_path"
+        raise CliError(f"config.{key}: tokenizer directory not found: {path}")
+    if path not in _TOKENIZERS:  # loading a 150k-entry tokenizer takes seconds; reuse within a process
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+_TOKENIZERS = {}
+
+
+def _fmt_table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).rjust(w) if k else str(v).ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def cmd_check(config, out=sys.stdout):
+    from mmjax.data.samples import run_check
+    tok = _tokenizer_for(config)
+    stats, bad, warnings = run_check(config.data, tok)
+    header = ["source", "records", "samples/epoch", "bad", "images", "tiles", "tokens", "supervised", "truncated"]
+    rows = [[s.name, s.records, s.samples, s.bad, s.images, s.tiles, s.tokens, s.supervised, s.truncated]
+            for s in stats]
+    tot = ["TOTAL"] + [sum(r[k] for r in rows) for k in range(1, len(header))]
+    print(_fmt_table(rows + [tot], header), file=out)
+    for w in warnings:
+        print(f"warning: {w}", file=out)
+    if bad:
+        print(f"\n{len(bad)} bad record(s):", file=out)
+        for where, reason in bad:
+            print(f"{where}: {reason}", file=out)
+        return 1
+    print("\nall records OK", file=out)
+    return 0
+
+
+def _collapse_images(text):
+    import re
+    return re.sub(r"<img>((?:<IMG_CONTEXT>)+)</img>",
+                  lambda m: f"<img><IMG_CONTEXT>x{m.group(1).count('<IMG_CONTEXT>')}</img>", text)
+
+
+def render_supervised(tokenizer, input_ids, labels, color=False):
+    """Decode with supervised spans wrapped in [[...]] (or green)."""
+    from mmjax.data.templates import IGNORE_INDEX
+    parts, cur, cur_sup = [], [], None
+    for t, l in zip(input_ids.tolist(), labels.tolist()):
+        sup = l != IGNORE_INDEX
+        if cur and sup != cur_sup:
+            parts.append((cur_sup, cur))
+            cur = []
+        cur.append(t)
+        cur_sup = sup
+    if cur:
+        parts.append((cur_sup, cur))
+    out = []
+    for sup, ids in parts:
+        text = _collapse_images(tokenizer.decode(ids, skip_special_tokens=False))
+        if sup:
+            text = f"\x1b[32m[[{text}]]\x1b[0m" if color else f"[[{text}]]"
+        out.append(text)
+    return "".join(out)
+
+
+def cmd_show(config, index, out=sys.stdout, color=False):
+    from mmjax.data.samples import SampleError, SampleSource
+    tok = _tokenizer_for(config)
+    src = SampleSource(config.data, tok, mode="show")
+    if not 0 <= index < len(src):
+        raise CliError(f"--index={index} out of range: the epoch index has {len(src)} samples "
+                       f"({src.skip_summary()})")
+    s, rec = src.record(index)
+    print(f"sample {index}: source {s.name!r} ({s.fmt}), {rec.where}, kind {rec.kind}", file=out)
+    try:
+        sample, info = src.builder.build(rec, index=index, source_id=int(src._src[index]),
+                                         max_dynamic_patch=s.max_dynamic_patch, with_info=True,
+                                         verify_tokenization=True)
+    except SampleError as e:
+        print(f"{rec.where}: {e}", file=out)
+        return 1
+    for k, (p, (w, h), (c, r), n) in enumerate(zip(info.image_paths, info.image_sizes, info.grids,
+                                                   info.tiles_per_image)):
+        thumb = " + thumbnail" if n > c * r else ""
+        print(f"image {k + 1}: {p} {w}x{h} -> grid {c}x{r}{thumb} = {n} tiles", file=out)
+    print(f"tokens {sample['num_tokens']}, supervised {sample['num_supervised']}, tiles {sample['num_tiles']}"
+          f"{', TRUNCATED' if info.truncated else ''}"
+          f"{'' if info.matches_whole in (None, True) else ', segment tokenization differs from whole-string'}",
+          file=out)
+    print("-" * 80, file=out)
+    print(render_supervised(tok, sample["input_ids"], sample["labels"], color=color), file=out)
+    return 0
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in ("check", "show"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    config = _CONFIG.value
+    if config is None:
+        print("error: --config is required\n" + USAGE, file=sys.stderr)
+        return 2
+    if "data" not in config:
+        print("error: the config has no `data` field", file=sys.stderr)
+        return 2
+    try:
+        if argv[1] == "check":
+            return cmd_check(config)
+        color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty())
+        return cmd_show(config, _INDEX.value, color=color)
+    except (CliError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run():
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,82 @@
+"""Default ``config.data`` and its validation (one-line errors naming the key or file)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from mmjax.data.images import NORMALIZE
+from mmjax.data.templates import TEMPLATES
+
+
+def default_data_config():
+    c = ml_collections.ConfigDict()
+    # sources (any combination; paths may be '' when unused)
+    c.meta_path = ""              # InternVL meta JSON {name: {root, annotation, data_augment, max_dynamic_patch, repeat_time}}
+    c.data_txt = ""               # XComposer2 data.txt ('<json path> <k>' lines) or one XComposer JSON list
+    c.datasets = []               # XTuner-style: [dict(anno_path=, media_root=, sample_ratio=1.0, name=)]
+    c.check_files = True          # stat every image path while reading records (cheap, up front)
+    # conversation
+    c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3
+    c.system_message = ""         # overrides the template's default system prompt when set
+    c.max_length = 8192           # per-sample token limit (truncation never cuts an image block)
+    # images
+    c.image_size = 448
+    c.dynamic_image_size = True
+    c.min_dynamic_patch = 1
+    c.max_dynamic_patch = 12
+    c.use_thumbnail = True
+    c.num_image_token = 256       # tokens per tile after pixel shuffle
+    c.normalize_type = "imagenet"  # imagenet | clip | siglip
+    c.alpha = "white"             # transparency: 'white' (composite on white) | 'drop' (upstream convert('RGB'))
+    c.num_video_frames = 8        # frames sampled evenly from a video frame list / folder, one tile each
+    c.dummy_image_for_text = False  # text-only samples carry one white tile with image_flags 0
+    c.data_augment = False        # JPEG-quality augmentation for sources that do not say (xcomposer / xtuner)
+    # policy
+    c.seed = 42
+    c.max_skip_fraction = 0.01    # training stops when more than this fraction of samples is skipped
+    # consumed by mmjax/data/pipeline.py (packing / loader)
+    c.pack_max_length = 8192
+    c.max_tiles_per_pack = 48
+    c.loss_reduction = "token"    # token | sample | square (len2weight)
+    c.shuffle = True
+    c.num_workers = 0             # grain worker processes decoding images (0 = in the main process)
+    c.batch_size = 16             # packed rows per optimizer step, global over all processes
+    c.packing = "first_fit"       # first_fit | best_fit | none (one padded sample per row)
+    return c
+
+
+def validate_data_config(c):
+    """Raise ValueError with a one-line message naming the offending key or file."""
+    if c.template not in TEMPLATES:
+        raise ValueError(f"data.template: unknown template {c.template!r}; choose from {sorted(TEMPLATES)}")
+    if c.normalize_type not in NORMALIZE:
+        raise ValueError(f"data.normalize_type: unknown {c.normalize_type!r}; choose from {sorted(NORMALIZE)}")
+    if c.get("alpha", "white") not in ("white", "drop"):
+        raise ValueError(f"data.alpha: must be 'white' or 'drop', got {c.alpha!r}")
+    for key in ("image_size", "min_dynamic_patch", "max_dynamic_patch", "num_image_token", "max_length",
+                "num_video_frames"):
+        if int(c.get(key)) < 1:
+            raise ValueError(f"data.{key}: must be >= 1, got {c.get(key)}")
+    if c.min_dynamic_patch > c.max_dynamic_patch:
+        raise ValueError(f"data.min_dynamic_patch ({c.min_dynamic_patch}) > data.max_dynamic_patch "
+                         f"({c.max_dynamic_patch})")
+    if not 0.0 <= float(c.max_skip_fraction) <= 1.0:
+        raise ValueError(f"data.max_skip_fraction: must be in [0, 1], got {c.max_skip_fraction}")
+    if not (c.get("meta_path") or c.get("data_txt") or c.get("datasets")):
+        raise ValueError("data: no source configured; set data.meta_path, data.data_txt or data.datasets")
+    if c.get("meta_path") and not os.path.isfile(c.meta_path):
+        raise ValueError(f"data.meta_path: file not found: {c.meta_path}")
+    if c.get("data_txt") and not os.path.isfile(c.data_txt):
+        raise ValueError(f"data.data_txt: file not found: {c.data_txt}")
+    for k, entry in enumerate(c.get("datasets") or []):
+        anno = entry.get("anno_path") if hasattr(entry, "get") else None
+        if not anno:
+            raise ValueError(f"data.datasets[{k}].anno_path: missing")
+        if not os.path.exists(anno):
+            raise ValueError(f"data.datasets[{k}].anno_path: not found: {anno}")
+        ratio = entry.get("sample_ratio", 1.0)
+        if ratio is not None and float(ratio) < 0:
+            raise ValueError(f"data.datasets[{k}].sample_ratio: must be >= 0, got {ratio}")
+    return c

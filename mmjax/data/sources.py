@@ -1,0 +1,421 @@
+"""Data sources: InternVL meta JSON + JSONL, XComposer2 JSON + data.txt, XTuner-style dataset lists.
+
+Every source is read into canonical ``Record`` objects (text-level validation only: no image decoding) and
+an index array saying which records make up one epoch (repeat_time / data.txt counts / sample_ratio).
+
+Path rules: a relative path in a config / meta / data.txt file is taken relative to the working directory
+when it exists there (as upstream, which launches from its repo), else relative to the file that names it.
+Image paths inside records are joined to the source root (``root`` / ``media_root``); XComposer image paths
+are used as written when they exist from the working directory, else relative to the JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import zlib
+
+import numpy as np
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+            "system": "system"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class Record:
+    source: str
+    file: str
+    line: int
+    messages: list = dataclasses.field(default_factory=list)   # [(role, text)], roles system/user/assistant
+    images: list = dataclasses.field(default_factory=list)     # resolved image paths
+    video: list | None = None                                  # resolved frame paths (all frames)
+    error: str | None = None
+
+    @property
+    def where(self):
+        return f"{self.file}:{self.line}"
+
+    @property
+    def kind(self):
+        if self.video is not None:
+            return "video"
+        return {0: "text", 1: "image"}.get(len(self.images), "multi_image")
+
+
+@dataclasses.dataclass
+class Source:
+    name: str
+    fmt: str                      # internvl | xcomposer | xtuner
+    file: str
+    records: list
+    order: np.ndarray             # record indices making one epoch
+    data_augment: bool = False
+    max_dynamic_patch: int | None = None
+
+
+def _resolve(path, base_dir):
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    return os.path.join(base_dir, path)
+
+
+def _join_root(root, path):
+    if os.path.isabs(path):
+        return path
+    if root.startswith("s3://"):
+        return root + path
+    return os.path.join(root, path)
+
+
+def _rng(seed, name):
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def repeat_time_indices(n, repeat_time):
+    """InternVL ``repeat_time``: r < 1 keeps the first floor(n*r) lines; r >= 1 must be a whole number."""
+    r = float(repeat_time)
+    if r < 0:
+        raise ValueError(f"repeat_time must be >= 0, got {repeat_time}")
+    if r < 1:
+        return np.arange(int(math.floor(n * r)), dtype=np.int64)
+    if r != int(r):
+        raise ValueError(f"repeat_time {repeat_time} > 1 must be a whole number")
+    return np.tile(np.arange(n, dtype=np.int64), int(r))
+
+
+def given_num_indices(n, k, rng):
+    """XComposer data.txt: floor(k*1000) samples; fewer records -> all + extra draws with replacement,
+    more -> a subset without replacement."""
+    num = int(math.floor(float(k) * 1000 + 1e-9))
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if n >= num:
+        return np.sort(rng.choice(n, size=num, replace=False)).astype(np.int64)
+    return np.concatenate([np.arange(n), np.sort(rng.integers(0, n, size=num - n))]).astype(np.int64)
+
+
+def sample_ratio_indices(n, ratio, rng):
+    """XTuner ``sample_ratio``: floor(r) full repeats + a random subset (without replacement) of the rest."""
+    r = float(ratio)
+    if r < 0:
+        raise ValueError(f"sample_ratio must be >= 0, got {ratio}")
+    target = int(math.floor(n * r + 1e-9))
+    reps = int(math.floor(r))
+    base = np.tile(np.arange(n, dtype=np.int64), reps)
+    rest = max(0, target - reps * n)
+    extra = np.sort(rng.choice(n, size=rest, replace=False)) if rest else np.zeros(0, np.int64)
+    return np.concatenate([base, extra]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def iter_jsonl(path):
+    """Yield (line_no, obj, error) for the non-blank lines of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield k, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield k, None, f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def iter_json_list(path):
+    """Yield (line_no, obj, error) for the elements of a JSON list file; line = where the element starts."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    dec = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    pos = ws.match(text, 0).end()
+    if pos >= len(text) or text[pos] != "[":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield e.lineno, None, f"malformed JSON: {e.msg}"
+            return
+        yield 1, None, f"malformed JSON: expected a list, got {type(obj).__name__}"
+        return
+    pos += 1
+    while True:
+        pos = ws.match(text, pos).end()
+        if pos >= len(text):
+            yield text.count("\n", 0, pos) + 1, None, "malformed JSON: unterminated list"
+            return
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield e.lineno, None, f"malformed JSON: {e.msg}"
+            return  # cannot resynchronise inside a broken list
+        yield line, obj, None
+
+
+def _frame_files(folder):
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)]
+    key = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+    return [os.path.join(folder, n) for n in sorted(names, key=key)]
+
+
+def parse_record(obj, *, source, file, line, root, fmt, check_files=True):
+    """Raw JSON object -> Record (``error`` set on the first validation failure)."""
+    rec = Record(source=source, file=file, line=line)
+    try:
+        _fill_record(rec, obj, root=root, fmt=fmt, check_files=check_files)
+    except _Bad as e:
+        rec.error = str(e)
+    return rec
+
+
+class _Bad(Exception):
+    pass
+
+
+def _fill_record(rec, obj, *, root, fmt, check_files):
+    if not isinstance(obj, dict):
+        raise _Bad(f"record is a {type(obj).__name__}, not an object")
+    turns = obj.get("conversations")
+    key_from, key_val = "from", "value"
+    if turns is None and "messages" in obj:
+        turns, key_from, key_val = obj["messages"], "role", "content"
+    if not isinstance(turns, list) or not turns:
+        raise _Bad("missing or empty 'conversations'")
+    msgs = []
+    for k, t in enumerate(turns, 1):
+        if not isinstance(t, dict):
+            raise _Bad(f"turn {k} is not an object")
+        raw_role = t.get(key_from, t.get("role", t.get("from")))
+        role = ROLE_MAP.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise _Bad(f"unknown role {raw_role!r} in turn {k}")
+        value = t.get(key_val, t.get("value", t.get("content")))
+        if not isinstance(value, str):
+            raise _Bad(f"turn {k} ({raw_role}) has no text value")
+        if fmt == "xcomposer":
+            value = value.replace("<ImageHere>", "<image>")
+        if not value.strip():
+            raise _Bad(f"empty turn {k} ({raw_role})")
+        msgs.append([role, value])
+    for k, (role, _) in enumerate(msgs):
+        if role == "system" and k != 0:
+            raise _Bad(f"system turn {k + 1} is not the first turn")
+    body_start = 1 if msgs[0][0] == "system" else 0
+    while len(msgs) > body_start and msgs[body_start][0] == "assistant":
+        del msgs[body_start]  # upstream drops a leading assistant turn
+    body = msgs[body_start:]
+    if not any(r == "assistant" for r, _ in body):
+        raise _Bad("no assistant turn")
+    for k, (role, _) in enumerate(body):
+        if role != ("user" if k % 2 == 0 else "assistant"):
+            raise _Bad(f"turns do not alternate user/assistant (turn {k + 1 + body_start} is {role})")
+    for role, v in msgs:
+        if role != "user" and ("<image>" in v or "<video>" in v):
+            raise _Bad(f"image/video placeholder in a {role} turn")
+    first_user = body_start
+
+    image, video = obj.get("image"), obj.get("video")
+    if image and video:
+        raise _Bad("record has both 'image' and 'video'")
+    n_placeholders = sum(v.count("<image>") for _, v in msgs)
+    if video:
+        if n_placeholders:
+            raise _Bad(f"{n_placeholders} <image> placeholders in a video record")
+        n_video = sum(v.count("<video>") for _, v in msgs)
+        if n_video > 1:
+            raise _Bad(f"{n_video} <video> placeholders for 1 video")
+        if n_video == 0:
+            msgs[first_user][1] = "<video>\n" + msgs[first_user][1]
+        if isinstance(video, str):
+            folder = _join_root(root, video)
+            if not os.path.isdir(folder):
+                if os.path.isfile(folder):
+                    raise _Bad(f"video files are not supported, give a frame list or folder: {folder}")
+                raise _Bad(f"missing video frame folder: {folder}")
+            frames = _frame_files(folder)
+            if not frames:
+                raise _Bad(f"no image frames in video folder: {folder}")
+        elif isinstance(video, list) and video and all(isinstance(p, str) for p in video):
+            frames = [_join_root(root, p) for p in video]
+        else:
+            raise _Bad("'video' must be a frame folder or a non-empty list of frame paths")
+        if check_files:
+            for p in frames:
+                if not os.path.isfile(p):
+                    raise _Bad(f"missing image: {p}")
+        rec.video = frames
+    elif image:
+        paths = [image] if isinstance(image, str) else image
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise _Bad("'image' must be a path or a list of paths")
+        if fmt == "xcomposer":
+            paths = [p if (os.path.isabs(p) or os.path.exists(p)) else os.path.join(root, p) for p in paths]
+        else:
+            paths = [_join_root(root, p) for p in paths]
+        if len(paths) == 1 and n_placeholders == 0:
+            msgs[first_user][1] = "<image>\n" + msgs[first_user][1]
+            n_placeholders = 1
+        if n_placeholders != len(paths):
+            raise _Bad(f"{n_placeholders} <image> placeholders for {len(paths)} images")
+        if check_files:
+            for p in paths:
+                if not p.startswith("s3://") and not os.path.isfile(p):
+                    raise _Bad(f"missing image: {p}")
+        rec.images = paths
+    else:
+        n_video = sum(v.count("<video>") for _, v in msgs)
+        if n_placeholders or n_video:
+            raise _Bad(f"{n_placeholders + n_video} image/video placeholders for 0 images")
+    rec.messages = [tuple(m) for m in msgs]
+
+
+def _read_records(path, *, source, root, fmt, check_files, json_list=False):
+    it = iter_json_list(path) if json_list else iter_jsonl(path)
+    out = []
+    for line, obj, err in it:
+        if err is not None:
+            out.append(Record(source=source, file=path, line=line, error=err))
+        else:
+            out.append(parse_record(obj, source=source, file=path, line=line, root=root, fmt=fmt,
+                                    check_files=check_files))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def load_meta_json(meta_path, *, check_files=True):
+    """InternVL ``--meta_path`` file -> list of Sources (in file order)."""
+    with open(meta_path, encoding="utf-8") as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}:{e.lineno}: malformed meta JSON: {e.msg}") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: meta JSON must be an object {{name: {{root, annotation, ...}}}}")
+    base = os.path.dirname(os.path.abspath(meta_path))
+    sources = []
+    for name, spec in meta.items():
+        for key in ("root", "annotation"):
+            if not isinstance(spec, dict) or key not in spec:
+                raise ValueError(f"{meta_path}: dataset {name!r} lacks {key!r}")
+        ann = _resolve(spec["annotation"], base)
+        if not str(ann).endswith("jsonl"):
+            raise ValueError(f"{meta_path}: dataset {name!r}: annotation must be a .jsonl file: {ann}")
+        if not os.path.isfile(ann):
+            raise ValueError(f"{meta_path}: dataset {name!r}: annotation file not found: {ann}")
+        root = spec["root"] if str(spec["root"]).startswith("s3://") else _resolve(spec["root"], base)
+        records = _read_records(ann, source=name, root=root, fmt="internvl", check_files=check_files)
+        try:
+            order = repeat_time_indices(len(records), spec.get("repeat_time", 1))
+        except ValueError as e:
+            raise ValueError(f"{meta_path}: dataset {name!r}: {e}") from e
+        mdp = spec.get("max_dynamic_patch")
+        sources.append(Source(name, "internvl", ann, records, order, bool(spec.get("data_augment", False)),
+                              int(mdp) if mdp is not None else None))
+    return sources
+
+
+def load_xcomposer(data_txt, *, seed=0, check_files=True):
+    """XComposer2 ``data.txt`` (``<json path> <k>`` lines) or a single JSON list file -> Sources."""
+    base = os.path.dirname(os.path.abspath(data_txt))
+    entries = []
+    if data_txt.endswith(".json"):
+        entries.append((data_txt, None, 1))
+    else:
+        with open(data_txt, encoding="utf-8") as f:
+            for k, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.rsplit(None, 1)
+                num = None
+                if len(parts) == 2:
+                    try:
+                        num = float(parts[1])
+                        path = parts[0]
+                    except ValueError:
+                        path = line
+                else:
+                    path = line
+                entries.append((_resolve(path, base), num, k))
+    sources = []
+    names = set()
+    for path, num, k in entries:
+        if not os.path.isfile(path):
+            raise ValueError(f"{data_txt}:{k}: JSON file not found: {path}")
+        name = os.path.splitext(os.path.basename(path))[0]
+        while name in names:
+            name += "_"
+        names.add(name)
+        records = _read_records(path, source=name, root=os.path.dirname(os.path.abspath(path)),
+                                fmt="xcomposer", check_files=check_files, json_list=True)
+        order = (np.arange(len(records), dtype=np.int64) if num is None
+                 else given_num_indices(len(records), num, _rng(seed, name)))
+        sources.append(Source(name, "xcomposer", path, records, order))
+    return sources
+
+
+def _get(entry, key, default=None):
+    if hasattr(entry, "get"):
+        v = entry.get(key, default)
+    else:
+        v = getattr(entry, key, default)
+    return default if v is None else v
+
+
+def load_xtuner(datasets, *, seed=0, check_files=True):
+    """XTuner-style list of dicts: anno_path (.jsonl or folder searched recursively), media_root,
+    sample_ratio, name (+ optional data_augment, max_dynamic_patch)."""
+    sources = []
+    for k, entry in enumerate(datasets):
+        anno = _get(entry, "anno_path")
+        if not anno:
+            raise ValueError(f"data.datasets[{k}]: missing 'anno_path'")
+        if os.path.isdir(anno):
+            files = sorted(os.path.join(d, f) for d, _, fs in os.walk(anno) for f in fs if f.endswith(".jsonl"))
+            if not files:
+                raise ValueError(f"data.datasets[{k}]: no .jsonl files under {anno}")
+        elif os.path.isfile(anno):
+            files = [anno]
+        else:
+            raise ValueError(f"data.datasets[{k}]: anno_path not found: {anno}")
+        base_name = _get(entry, "name") or os.path.splitext(os.path.basename(os.path.normpath(anno)))[0]
+        media_root = _get(entry, "media_root", "")
+        ratio = float(_get(entry, "sample_ratio", 1.0))
+        mdp = _get(entry, "max_dynamic_patch")
+        for path in files:
+            name = base_name if len(files) == 1 else f"{base_name}/{os.path.relpath(path, anno)}"
+            records = _read_records(path, source=name, root=media_root, fmt="xtuner", check_files=check_files)
+            order = sample_ratio_indices(len(records), ratio, _rng(seed, name))
+            sources.append(Source(name, "xtuner", path, records, order, bool(_get(entry, "data_augment", False)),
+                                  int(mdp) if mdp is not None else None))
+    return sources
+
+
+def load_sources(cfg):
+    """All sources named by a ``config.data`` (meta_path, data_txt, datasets), in that order."""
+    check_files = bool(cfg.get("check_files", True))
+    seed = int(cfg.get("seed", 0))
+    sources = []
+    if cfg.get("meta_path"):
+        sources += load_meta_json(cfg.meta_path, check_files=check_files)
+    if cfg.get("data_txt"):
+        sources += load_xcomposer(cfg.data_txt, seed=seed, check_files=check_files)
+    if cfg.get("datasets"):
+        sources += load_xtuner(list(cfg.datasets), seed=seed, check_files=check_files)
+    seen = set()
+    for s in sources:
+        if s.name in seen:
+            raise ValueError(f"duplicate source name {s.name!r}; give each dataset a unique name")
+        seen.add(s.name)
+    return sources
