@@ -65,7 +65,26 @@ class Dense(nnx.Module):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if getattr(self, "lora_a", None) is not None:  # added by mmjax.models.lora.apply_lora
+            y = y + _lora_branch(self, x)
         return y
+
+
+def _lora_branch(dense: Dense, x: jax.Array) -> jax.Array:
+    """``scaling * dropout(x) @ lora_a @ lora_b`` (peft semantics: dropout on the LoRA input only).
+
+    Dropout runs only while the layer's ``lora_dropout_on`` flag is set, with the key in
+    ``lora_dropout_key``; both are written by :func:`mmjax.models.lora.set_lora_dropout_key`.
+    """
+    h = x.astype(dense.dtype)
+    rate = float(getattr(dense, "lora_dropout", 0.0))
+    if rate > 0.0 and getattr(dense, "lora_dropout_key", None) is not None:
+        key = jax.random.wrap_key_data(dense.lora_dropout_key[...])
+        keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+        dropped = jnp.where(keep, h / jnp.asarray(1.0 - rate, h.dtype), jnp.zeros_like(h))
+        h = jnp.where(dense.lora_dropout_on[...], dropped, h)
+    z = jnp.dot(jnp.dot(h, dense.lora_a[...].astype(dense.dtype)), dense.lora_b[...].astype(dense.dtype))
+    return z * jnp.asarray(dense.lora_scaling, dense.dtype)
 
 
 class RMSNorm(nnx.Module):

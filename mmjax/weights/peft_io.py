@@ -259,7 +259,11 @@ def load_peft_adapter(model, adapter_dir):
     tensors = load_file(wpath)
     plan = _plan(model, cfg, tensors.keys())
 
-    expected = set()
+    expected = {_key(name, which) for m, *_ in plan for name in m.hf_names() for which in ("lora_A", "lora_B")}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(f"adapter tensor {extra[0]} matches no LoRA module of this model "
+                         f"({len(extra)} unmatched tensor(s); adapter for another architecture or layout?)")
     staged = []
     for m, rank, alpha, scaling in plan:
         dense = L._get_module(model, m.path)
@@ -268,7 +272,6 @@ def load_peft_adapter(model, adapter_dir):
         for name in m.hf_names():
             for which, shape, sink in (("lora_A", (rank, fan_in), a_layers), ("lora_B", (fan_out, rank), b_layers)):
                 key = _key(name, which)
-                expected.add(key)
                 if key not in tensors:
                     raise ValueError(f"adapter tensor {key} is missing (its module is targeted by adapter_config)")
                 got = tuple(tensors[key].shape)
@@ -277,10 +280,6 @@ def load_peft_adapter(model, adapter_dir):
                                      f"(r={rank}, module in={fan_in}, out={fan_out})")
                 sink.append(tensors[key].T)
         staged.append((m, dense, rank, alpha, scaling, np.stack(a_layers), np.stack(b_layers)))
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ValueError(f"adapter tensor {extra[0]} matches no LoRA module of this model "
-                         f"({len(extra)} unmatched tensor(s))")
 
     dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
     for m, dense, rank, alpha, scaling, a, b in staged:
