@@ -1,10 +1,10 @@
 """The embedded default's data: pictures of coloured shapes, with questions only the image answers.
 
-Each image holds 1-3 shapes of one kind and one colour, all in the left or all in the right half,
-on a canvas of one of several sizes and aspect ratios (so dynamic tiling is exercised). Questions
-ask for the colour, the kind, the count or the side; the answer is one word. A text-only model
-cannot beat the per-question chance level (1/4, 1/3, 1/3, 1/2), so held-out accuracy above 90%
-shows the image path works end to end. Written as InternVL meta JSON + JSONL, the format users bring.
+Each image holds 1-3 shapes (circles, squares or triangles) of one colour, all in the left or all
+in the right half, on a canvas of one of several sizes and aspect ratios (so dynamic tiling is
+exercised). Questions ask for the colour, the count or the side; the answer is one word. A
+text-only model cannot beat the per-question chance level (1/4, 1/3, 1/2), so held-out accuracy
+above 90% shows the image path works end to end. Written as InternVL meta JSON + JSONL, the format users bring.
 """
 
 from __future__ import annotations
@@ -22,22 +22,23 @@ SIDES = ("left", "right")
 CANVASES = ((112, 112), (168, 112), (112, 168), (224, 112), (140, 140), (112, 56), (56, 112), (84, 84))
 QUESTIONS = {
     "colour": "What colour are the shapes?",
-    "kind": "Which kind of shape is in the picture?",
     "count": "How many shapes are there?",
     "side": "Are the shapes on the left or on the right?",
 }
-FORMAT_VERSION = 1
+FORMAT_VERSION = 4
 
 
 def _draw(rng: random.Random) -> tuple[Image.Image, dict]:
     w, h = rng.choice(CANVASES)
     colour, kind = rng.choice(sorted(COLOURS)), rng.choice(KINDS)
     count, side = rng.randint(1, 3), rng.choice(SIDES)
-    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
     img = Image.new("RGB", (w, h), bg)
     d = ImageDraw.Draw(img)
-    # shapes stacked vertically in one half, each in its own cell, so they never overlap
-    r = max(5, min(w // 2, h // count) // 3)
+    # shapes stacked vertically in one half, each in its own cell, so they never overlap; one size
+    # per canvas whatever the count (more shapes = more colour), large enough to cover several
+    # ViT patches even in the 56 px thumbnail
+    r = max(5, int(min(w // 2, h // 3) * 0.42))
     x0, x1 = (0, w // 2) if side == "left" else (w // 2, w)
     for k in range(count):
         cy = int((k + 0.5) * h / count)

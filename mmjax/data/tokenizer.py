@@ -73,10 +73,15 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     errors = []
     tok = None
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # it reads config.json and warns that internvl_chat is no tokenizer type
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # custom class (InternLM2Tokenizer) or missing files
         errors.append(f"AutoTokenizer: {type(e).__name__}: {e}")
+    finally:
+        hf_logging.set_verbosity(level)
     if tok is None and os.path.isfile(os.path.join(path, "tokenizer.model")):
         try:
             tok = _load_sentencepiece_fallback(path)

@@ -19,14 +19,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, apply_rope,
-                                 cache_write, dot_product_attention, init_kv_cache, normal_init, param,
-                                 positions_from_mask, rope_cos_sin, scan_layers, stacked)
+from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, PackedSegments, RMSNorm, RopeConfig,
+                                 apply_rope, blockwise_attention, cache_write, dot_product_attention,
+                                 init_kv_cache, normal_init, param, positions_from_mask, rope_cos_sin,
+                                 scan_layers, stacked)
 from mmjax.models.layers import attention_mask as make_attention_mask
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
-ATTENTION_BACKENDS = ("xla",)
+# xla: dense float32 (B, H, T, S) scores (layers.dot_product_attention); blockwise: exact tiled
+# attention with an online softmax, O(T * block) memory (layers.blockwise_attention). The KV-cache
+# path (prefill / decode in generation) always uses xla: its queries are few or its rows short.
+ATTENTION_BACKENDS = ("xla", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     remat: str = "none"              # a name in layers.REMAT_POLICIES
     attention: str = "xla"           # attention backend
+    attention_block: int = 512       # blockwise backend tile (query and key); ~ the typical packed sample
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -106,6 +111,8 @@ class Attention(nnx.Module):
         return q.reshape(b, t, hq, d), k.reshape(b, t, hkv, d), v.reshape(b, t, hkv, d)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """``mask``: a dense (B, 1, T, S) boolean mask (xla backend, and every KV-cache call) or the
+        :class:`PackedSegments` of the rows (blockwise backend, full forward without a cache)."""
         q, k, v = self.qkv(x)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -114,8 +121,15 @@ class Attention(nnx.Module):
             k = cache_write(kv[0], k, index)
             v = cache_write(kv[1], v, index)
             kv = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                    scale=self.cfg.head_dim ** -0.5)
+        if isinstance(mask, PackedSegments):
+            assert kv is None, "the blockwise backend has no KV-cache path"
+            out = blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask.segment_ids, None,
+                                      mask.positions, mask.positions, causal=True,
+                                      scale=self.cfg.head_dim ** -0.5, block_q=self.cfg.attention_block,
+                                      block_kv=self.cfg.attention_block)
+        else:
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                        scale=self.cfg.head_dim ** -0.5)
         b, t = out.shape[:2]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
@@ -192,7 +206,10 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(cfg.rope, positions, segment_ids)
         x = embeds.astype(self.dtype)
         if cache is None:
-            mask = make_attention_mask(segment_ids, None, positions, positions, causal=True)
+            if cfg.attention == "blockwise":  # the mask is built tile by tile inside the kernel
+                mask = PackedSegments(segment_ids, positions)
+            else:
+                mask = make_attention_mask(segment_ids, None, positions, positions, causal=True)
 
             def body(layer, h, _):
                 h, _ = layer(h, cos, sin, mask)
@@ -201,7 +218,7 @@ class CausalLM(nnx.Module):
             x, _ = scan_layers(self.layers, body, x, None, remat=cfg.remat)
             return self.final_norm(x), None
 
-        index = cache.index
+        index = cache.index  # KV-cache path: always the xla backend (dense mask over the cache)
         kv_seg = cache_write(cache.segment_ids, segment_ids, index)
         kv_pos = cache_write(cache.positions, positions, index)
         mask = make_attention_mask(segment_ids, kv_seg, positions, kv_pos, causal=True)

@@ -236,14 +236,16 @@ def model_factory(layout: str, config: dict, directory: str | None = None, **ove
     """``make(dtype, param_dtype, rngs) -> module`` for a layout and its config.json dict.
 
     ``overrides`` replace fields of the model config (``DecoderConfig`` / ``InternVLConfig``);
-    the training knobs ``drop_path_rate`` (ViT) and ``remat`` (every stack) reach the nested
-    configs they belong to."""
+    the training knobs ``drop_path_rate`` (ViT), ``remat`` (every stack) and ``attention`` (the
+    decoder's backend) reach the nested configs they belong to."""
     drop_path = overrides.pop("drop_path_rate", None)
     remat = overrides.pop("remat", None)
+    attention = {k: overrides.pop(k) for k in ("attention", "attention_block") if k in overrides}
     if layout == "causal_lm":
         from mmjax.models.decoder import CausalLM
         if remat is not None:
             overrides["remat"] = remat
+        overrides.update(attention)
         cfg = _text_family(config, context=None).config_from_hf(config, **overrides)
         return lambda dtype, param_dtype, rngs: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     from mmjax.models import internvl
@@ -260,6 +262,8 @@ def model_factory(layout: str, config: dict, directory: str | None = None, **ove
     if remat is not None:
         vision = dataclasses.replace(vision, remat=remat)
         text = dataclasses.replace(text, remat=remat)
+    if attention:   # the decoder's backend; ViT tiles are short and stay on plain XLA
+        text = dataclasses.replace(text, **attention)
     cfg = dataclasses.replace(cfg, vision=vision, text=text)
     return lambda dtype, param_dtype, rngs: internvl.InternVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

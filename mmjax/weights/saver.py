@@ -138,8 +138,12 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
       max_shard_size: bytes per shard for models without a record (a loaded model keeps its shards).
       aux_dir: directory to copy tokenizer etc. files from (default: the record's source directory).
     """
+    import jax
     from flax import nnx
 
+    if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+        raise CheckpointError("model carries LoRA adapters: merge them first (mmjax.models.lora.merge_lora) "
+                              "or write them with mmjax.weights.peft_io.save_peft_adapter")
     out_dir = os.fspath(out_dir)
     override = None if dtype is None else dtype_name(dtype)
     if override is not None and override not in _FLOAT:

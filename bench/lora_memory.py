@@ -1,0 +1,396 @@
+"""Per-device memory of a LoRA train step on the real Mini-InternVL-Chat-2B/4B-V1-5 shapes,
+from XLA's buffer assignment of the AOT-compiled step (nothing is allocated: every parameter,
+optimizer state and batch is a ``jax.ShapeDtypeStruct``).
+
+    python bench/lora_memory.py                      # both models, both batch layouts
+    python bench/lora_memory.py --quick              # 1 row x 4096 tokens, 13 tiles (one upstream sample)
+    python bench/lora_memory.py --models mini2b --layouts packed
+
+What is built is what ``mmjax/train/run.py`` builds for ``configs/mini{2b,4b}_lora.py``: the model
+from an upstream ``internvl_chat`` config.json dict (written below from the reference numbers),
+compute ``config.model.dtype`` (bfloat16), master ``param_dtype`` (float32), ``remat``
+('full'), LoRA from the config's ``lora`` block (rank 16, alpha 32, dropout 0.05, the family's
+upstream LLM targets), split with ``trainable_filter(effective_freeze(cfg))``, frozen params cast
+to ``frozen_param_dtype`` (bfloat16), ``make_optimizer``, ``init_state``, ``vit_layer_mask``,
+``make_train_step`` (grad_accum, loss_chunk_size, LoRA dropout on), jitted with the state donated.
+The only departures: the model is built under ``nnx.eval_shape`` (LoRA applied inside it) and the
+train state is ``jax.eval_shape`` of ``init_state``; there is one device (no mesh).
+
+Batch mapping (upstream ``..._lora.sh``: per-device batch 4 samples of <= 4096 tokens, at most
+12 tiles + thumbnail = 13 tiles of 448 each, grad accumulation 2): one micro-batch holds the
+upstream per-device batch, either
+  * ``packed``: 1 row of 16384 tokens with 52 tile slots (4 x 13), or
+  * ``rows``:   4 rows of 4096 tokens with 13 tile slots each;
+and the step scans ``--grad_accum`` (default 2, upstream's GRADIENT_ACC) such micro-batches,
+so the step's batch has grad_accum x the micro-batch's rows.
+
+Peak estimate = argument + output - alias + temp bytes of ``compiled.memory_analysis()``.
+This is the CPU backend's buffer plan: GPU XLA fuses, schedules and rematerializes differently
+(and the GPU attention kernels differ), so read it as an estimate of the step's buffers, not a
+measured GPU peak. Results: a table on stdout and ``bench/results/lora_memory.json`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmjax.config import sibling_config
+from mmjax.models.lora import apply_lora, lora_param_count
+from mmjax.train import optim as optim_lib
+from mmjax.train import run as run_lib
+from mmjax.train import state as state_lib
+from mmjax.train import step as step_lib
+from mmjax.weights import layouts
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+GiB = 2 ** 30
+
+# ---- upstream internvl_chat config.json dicts (reference section 1.9) ---------------------------
+
+INTERNVIT_300M = dict(
+    architectures=["InternVisionModel"], model_type="intern_vit_6b",
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+    norm_type="layer_norm", layer_norm_eps=1e-6, qkv_bias=True, qk_normalization=False,
+    image_size=448, patch_size=14, num_channels=3, hidden_act="gelu", initializer_factor=0.1,
+    drop_path_rate=0.0, use_flash_attn=True)
+
+INTERNLM2_1_8B = dict(
+    architectures=["InternLM2ForCausalLM"], model_type="internlm2",
+    vocab_size=92553,                      # 92544 + the 9 InternVL tokens
+    hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+    intermediate_size=8192, rope_theta=1000000, max_position_embeddings=32768,
+    rope_scaling={"type": "dynamic", "factor": 2.0}, rms_norm_eps=1e-5, bias=False,
+    hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+
+
+def _longrope_factors(n: int, lo: float, hi: float) -> list[float]:
+    # placeholder values (monotone ramp): the factors change rotary tables only, never memory
+    return [round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)]
+
+
+PHI3_MINI_128K = dict(
+    architectures=["Phi3ForCausalLM"], model_type="phi3",
+    vocab_size=32020,                      # reference: "[computed; verify]" (base 32064; 32011 + 9 added)
+    hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    intermediate_size=8192, rope_theta=10000.0, max_position_embeddings=131072,
+    original_max_position_embeddings=4096,
+    rope_scaling={"type": "su", "short_factor": _longrope_factors(48, 1.0, 1.2),
+                  "long_factor": _longrope_factors(48, 1.0, 40.0)},
+    rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    tie_word_embeddings=False)
+
+
+def internvl_chat_config(llm: dict, template: str) -> dict:
+    return dict(architectures=["InternVLChatModel"], model_type="internvl_chat", template=template,
+                force_image_size=448, downsample_ratio=0.5, ps_version="v2", select_layer=-1,
+                dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+                use_llm_lora=0, use_backbone_lora=0,
+                vision_config=dict(INTERNVIT_300M), llm_config=dict(llm))
+
+
+MODELS = {
+    "mini2b": dict(name="Mini-InternVL-Chat-2B-V1-5", config=internvl_chat_config(INTERNLM2_1_8B, "internlm2-chat"),
+                   train_config="mini2b_lora",
+                   img_context_token_id=92546,           # 92544 <img>, 92545 </img>, 92546 <IMG_CONTEXT>
+                   expected_trainable=15_728_640,        # reference 3.4 [computed]
+                   upstream="2 GPUs (LoRA script, per-device 4); GB: none in ref "
+                            "(full FT ~30 GB/GPU @ per-device 1)"),
+    "mini4b": dict(name="Mini-InternVL-Chat-4B-V1-5", config=internvl_chat_config(PHI3_MINI_128K, "phi3-chat"),
+                   train_config="mini4b_lora",
+                   img_context_token_id=32013,           # same rule: 32011 <img>, 32012 </img>, 32013 (computed)
+                   expected_trainable=25_165_824,
+                   upstream="2 GPUs (LoRA script, per-device 4); GB: none in ref "
+                            "(full FT ~40 GB/GPU @ per-device 1)"),
+}
+
+TILE = 448
+TOKENS_PER_TILE = (TILE // 14) ** 2 // 4   # 1024 patches, pixel shuffle 0.5 -> 256 tokens
+UPSTREAM_SAMPLES, UPSTREAM_MAX_LEN, UPSTREAM_TILES = 4, 4096, 13
+
+# name -> (rows per micro-batch, tokens per row, tile slots per row)
+LAYOUTS = {
+    "packed": (1, UPSTREAM_SAMPLES * UPSTREAM_MAX_LEN, UPSTREAM_SAMPLES * UPSTREAM_TILES),
+    "rows": (UPSTREAM_SAMPLES, UPSTREAM_MAX_LEN, UPSTREAM_TILES),
+}
+QUICK_LAYOUTS = {"quick": (1, UPSTREAM_MAX_LEN, UPSTREAM_TILES)}   # one upstream sample
+
+
+def load_train_config(name: str):
+    return sibling_config(str(ROOT / "configs" / "base.py"), name)
+
+
+def sds(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def abstract_batch(batch_rows: int, tokens: int, tiles: int) -> dict:
+    """The loader's batch after ``rows_view`` (pixel_values per row), as ShapeDtypeStructs."""
+    b = {k: sds((batch_rows, tokens), jnp.int32) for k in ("input_ids", "labels", "segment_ids", "positions")}
+    b["loss_weights"] = sds((batch_rows, tokens), jnp.float32)
+    b["pixel_values"] = sds((batch_rows, tiles, TILE, TILE, 3), jnp.float32)
+    b["image_flags"] = sds((batch_rows, tiles), jnp.int32)
+    return b
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def build(key: str):
+    """(cfg, graphdef, abstract state, abstract frozen, abstract rest, tx, schedule, update_mask, info)."""
+    spec = MODELS[key]
+    cfg = load_train_config(spec["train_config"])
+    dtype, param_dtype = run_lib._dtype(cfg.model.dtype), run_lib._dtype(cfg.model.param_dtype)
+    make = layouts.model_factory("internvl_chat", spec["config"], None, drop_path_rate=cfg.model.drop_path_rate,
+                                 remat=cfg.model.remat, attention=cfg.model.attention,
+                                 img_context_token_id=spec["img_context_token_id"])
+
+    def make_lora():
+        model = make(dtype, param_dtype, nnx.Rngs(0))
+        apply_lora(model, llm_rank=cfg.lora.llm_rank, vit_rank=cfg.lora.vit_rank, alpha_ratio=cfg.lora.alpha_ratio,
+                   dropout=cfg.lora.dropout, llm_targets=tuple(cfg.lora.llm_targets) or None,
+                   vit_targets=tuple(cfg.lora.vit_targets), rngs=cfg.seed)
+        return model
+
+    model = nnx.eval_shape(make_lora)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model))), "not abstract"
+    has_vision = hasattr(model, "vision_model")
+    filt = state_lib.trainable_filter(state_lib.effective_freeze(cfg), has_vision)
+    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
+    frozen_dtype = run_lib._dtype(cfg.model.frozen_param_dtype)
+    frozen = jax.tree.map(lambda x: sds(x.shape, frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          frozen)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, 1000)
+    update_mask = state_lib.vit_layer_mask(trainable, cfg.freeze, has_vision)
+    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed), trainable)
+
+    n_train = state_lib.count_params(trainable)
+    n_lora = lora_param_count(model)
+    float_opt = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    moments = int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in float_opt))
+    info = dict(
+        model=spec["name"], train_config=spec["train_config"], compute_dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype, frozen_param_dtype=cfg.model.frozen_param_dtype, remat=cfg.model.remat,
+        attention=cfg.model.attention,
+        lora_rank=cfg.lora.llm_rank, lora_alpha=cfg.lora.alpha_ratio * cfg.lora.llm_rank, lora_dropout=cfg.lora.dropout,
+        loss_chunk_size=cfg.loss_chunk_size,
+        trainable_params=n_train, lora_params=n_lora, expected_trainable=spec["expected_trainable"],
+        frozen_params=state_lib.count_params(frozen), frozen_bytes=tree_bytes(frozen),
+        trainable_bytes=tree_bytes(trainable), opt_state_bytes=tree_bytes(state.opt_state),
+        opt_moment_bytes=moments, rest_bytes=tree_bytes(rest), upstream=spec["upstream"])
+    info["llm_heads"] = int(model.language_model.cfg.num_heads)
+    info["vit_heads"] = int(model.vision_model.cfg.num_heads)
+    info["opt_moments_ok"] = moments == 2 * 4 * n_train
+    info["trainable_ok"] = n_train == n_lora == spec["expected_trainable"]
+    return cfg, graphdef, state, frozen, rest, tx, schedule, update_mask, info
+
+
+class _CopyingNnx:
+    """``flax.nnx`` with ``merge(..., copy=True)``: swapped into ``mmjax.train.step`` while tracing."""
+
+    def __getattr__(self, name):
+        return getattr(nnx, name)
+
+    @staticmethod
+    def merge(*args, **kwargs):
+        kwargs.setdefault("copy", True)
+        return nnx.merge(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def merge_with_copy():
+    saved = step_lib.nnx
+    step_lib.nnx = _CopyingNnx()
+    try:
+        yield
+    finally:
+        step_lib.nnx = saved
+
+
+def top_temp_buffers(dump_dir: Path, n: int) -> list[str]:
+    """The ``n`` largest values in the step's preallocated temp allocation, from XLA's
+    buffer-assignment dump (``--top_buffers``): 'GiB  shape  instruction'."""
+    files = sorted(dump_dir.glob("*jit_step*buffer-assignment.txt"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return []
+    values, in_temp = [], False
+    pat = re.compile(r"value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (.*)")
+    for line in files[-1].read_text().splitlines():
+        if line.startswith("allocation"):
+            in_temp = "preallocated-temp" in line
+            continue
+        m = pat.search(line) if in_temp else None
+        if m:
+            values.append((int(m.group(2)), m.group(3).split("{")[0], m.group(1)))
+    values.sort(reverse=True)
+    return [f"{size / GiB:6.2f} GiB  {shape}  {name}" for size, shape, name in values[:n]]
+
+
+def compile_step(built, layout: tuple[int, int, int], grad_accum: int) -> dict:
+    cfg, graphdef, state, frozen, rest, tx, schedule, update_mask, info = built
+    rows, tokens, tiles = layout
+    step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=grad_accum, chunk_size=cfg.loss_chunk_size,
+                                    update_mask=update_mask, lora_dropout=bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
+                                    and cfg.lora.dropout > 0)
+    batch = abstract_batch(rows * grad_accum, tokens, tiles)
+    t0 = time.perf_counter()
+    shim = False
+    try:
+        lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, rest, batch)
+    except flax.errors.TraceContextError:
+        # make_train_step's LoRA-dropout path mutates the dropout Variables of ``rest`` that
+        # nnx.merge (copy=False) reuses from the outer jit trace; merging with copy=True traces.
+        shim = True
+        with merge_with_copy():
+            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, rest, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    ma = compiled.memory_analysis()
+    arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    return dict(merge_copy_shim=shim, rows_per_micro=rows, tokens_per_row=tokens, tiles_per_row=tiles, grad_accum=grad_accum,
+                batch_rows=rows * grad_accum, image_tokens_per_row=tiles * TOKENS_PER_TILE,
+                batch_bytes=tree_bytes(batch), lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+                argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+                generated_code_bytes=int(ma.generated_code_size_in_bytes),
+                # one (rows, heads, T, T) float32 score tensor of the plain XLA attention, per micro-batch
+                llm_attn_scores_bytes=rows * info["llm_heads"] * tokens ** 2 * 4,
+                vit_attn_scores_bytes=rows * tiles * info["vit_heads"] * (TILE // 14 * (TILE // 14) + 1) ** 2 * 4,
+                peak_bytes=arg + out - alias + temp)
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("model", "rows x tokens", "tiles", "trainable params", "frozen bytes", "opt-state bytes",
+            "XLA temp bytes", "total per-device GiB", "compile s", "upstream figure (GPUs x GB)")
+    table = [head]
+    for r in rows:
+        c = r["compile"]
+        rows_tokens = f"{c['grad_accum']} x {c['rows_per_micro']} x {c['tokens_per_row']}"
+        tiles = f"{c['grad_accum']} x {c['rows_per_micro']} x {c['tiles_per_row']}"
+        table.append((r["model"], rows_tokens, tiles, f"{r['trainable_params']:,}",
+                      f"{r['frozen_bytes']:,} ({gib(r['frozen_bytes'])} GiB)",
+                      f"{r['opt_state_bytes']:,}", f"{c['temp_bytes']:,} ({gib(c['temp_bytes'])} GiB)",
+                      gib(c["peak_bytes"]), f"{c['compile_s']}", r["upstream"]))
+    widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
+    for j, t in enumerate(table):
+        print(" | ".join(str(v).ljust(w) for v, w in zip(t, widths)))
+        if j == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+NOTES = """notes:
+  * rows x tokens / tiles = grad_accum x rows per micro-batch x tokens (tile slots) per row; one micro-batch
+    holds upstream's per-device batch (4 samples <= 4096 tokens, <= 13 tiles of 448 each).
+  * total per-device = argument + output - alias + temp bytes of compiled.memory_analysis(): the step's
+    buffers (params, frozen, optimizer state, batch, activations under remat 'full'), one device, no mesh.
+  * this is CPU XLA's buffer plan: GPU XLA fuses / schedules differently and uses other attention kernels;
+    treat it as an estimate, not a measured GPU peak (no allocator fragmentation, no CUDA context / workspace).
+  * opt-state bytes = Adam mu + nu in float32 (2 x 4 bytes x trainable) + the optimizer's int32 step counters.
+  * CPU XLA runs bf16 dots in float32: it keeps float32 copies of the stacked bf16 frozen weights (hoisted
+    out of the layer scan) and float32 activations, which a GPU plan would not; CPU temp overstates GPU temp.
+  * attention follows config.model.attention (default 'blockwise': memory linear in T); with 'xla' the
+    (rows, heads, T, T) float32 scores dominate temp and grow with T^2.
+  * Phi-3 vocab 32020 and <IMG_CONTEXT> 32013 are computed (reference: "verify"); longrope factors are
+    placeholders (they change the rotary tables only)."""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="mini2b,mini4b", help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--layouts", default=None, help="comma list of " + ",".join(LAYOUTS) + " (default: both)")
+    ap.add_argument("--quick", action="store_true", help="1 row x 4096 tokens, 13 tiles (one upstream sample)")
+    ap.add_argument("--grad_accum", type=int, default=2, help="micro-batches per step (upstream LoRA: 2)")
+    ap.add_argument("--top_buffers", type=int, default=0,
+                    help="list the N largest values of the temp allocation (XLA buffer-assignment dump to a temp dir; "
+                         "values share that allocation over time, they are not all live at once)")
+    ap.add_argument("--out", default=str(RESULTS / "lora_memory.json"))
+    args = ap.parse_args(argv)
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {sorted(MODELS)}")
+    if args.quick:
+        layouts_ = dict(QUICK_LAYOUTS)
+    else:
+        names = [n.strip() for n in (args.layouts or ",".join(LAYOUTS)).split(",") if n.strip()]
+        for n in names:
+            if n not in LAYOUTS:
+                ap.error(f"unknown layout {n!r}; choose from {sorted(LAYOUTS)}")
+        layouts_ = {n: LAYOUTS[n] for n in names}
+
+    dump_dir = None
+    if args.top_buffers:
+        # must be set before the CPU backend starts (the first compile below)
+        dump_dir = Path(tempfile.mkdtemp(prefix="lora_memory_xla_"))
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir}").strip()
+    t_start = time.perf_counter()
+    results = []
+    for m in models:
+        t0 = time.perf_counter()
+        built = build(m)
+        info = built[-1]
+        build_s = time.perf_counter() - t0
+        print(f"{info['model']}: built abstractly in {build_s:.1f}s; trainable {info['trainable_params']:,} "
+              f"(expected {info['expected_trainable']:,}: {'ok' if info['trainable_ok'] else 'MISMATCH'}); "
+              f"Adam moments {info['opt_moment_bytes']:,} B = 2 x 4 x trainable: "
+              f"{'ok' if info['opt_moments_ok'] else 'MISMATCH'}", flush=True)
+        for lname, layout in layouts_.items():
+            c = compile_step(built, layout, args.grad_accum)
+            print(f"  {lname}: lower {c['lower_s']}s, compile {c['compile_s']}s, temp {gib(c['temp_bytes'])} GiB, "
+                  f"peak {gib(c['peak_bytes'])} GiB; one LLM attention score tensor (rows, heads, T, T) f32 = "
+                  f"{gib(c['llm_attn_scores_bytes'])} GiB, ViT {gib(c['vit_attn_scores_bytes'])} GiB", flush=True)
+            if args.top_buffers:
+                c["top_temp_buffers"] = top_temp_buffers(dump_dir, args.top_buffers)
+                for line in c["top_temp_buffers"]:
+                    print(f"      {line}")
+            if c["merge_copy_shim"]:
+                print("  warning: make_train_step(lora_dropout=True) fails to trace (TraceContextError: the LoRA "
+                      "dropout state is mutated across trace levels); compiled with nnx.merge(copy=True) instead",
+                      flush=True)
+            results.append(dict(info, layout=lname, build_s=round(build_s, 1), compile=c))
+    total_s = time.perf_counter() - t_start
+
+    print()
+    print_table(results)
+    print()
+    print(NOTES)
+    print(f"\ntotal wall time {total_s:.0f}s on {platform.processor() or platform.machine()} "
+          f"({os.cpu_count()} cpus visible), jax {jax.__version__}, backend {jax.default_backend()}")
+
+    if dump_dir is not None:
+        shutil.rmtree(dump_dir, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(bench="lora_memory", quick=args.quick, grad_accum=args.grad_accum, jax=jax.__version__,
+                   backend=jax.default_backend(), total_s=round(total_s, 1), notes=NOTES, results=results)
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    ok = all(r["trainable_ok"] and r["opt_moments_ok"] for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

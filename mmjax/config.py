@@ -1,0 +1,122 @@
+"""Training config defaults shared by every configs/<name>.py; each config file overrides what differs.
+
+Mirrors the upstream InternVL 2nd-finetune scripts (see the reference notes): AdamW (0.9, 0.999,
+1e-8) with decay on every trainable parameter, clip 1.0, cosine with 3% warmup, 1 epoch, bf16
+compute with float32 master weights.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of ``<name>.py`` next to ``config_file``: how a config extends another
+    (e.g. ``mini2b_lora.py`` = ``mini2b.py`` + LoRA) without configs being a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py")
+    spec = importlib.util.spec_from_file_location(f"mmjax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def base_config() -> ml_collections.ConfigDict:
+    from mmjax.data.config import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.model_path = ""            # HF checkpoint directory (InternVL-Chat, transformers InternVL, causal LM)
+    c.tokenizer_path = ""        # defaults to model_path
+    c.synthetic = ml_collections.ConfigDict({"enabled": False})  # the embedded default builds its own
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "bfloat16"        # compute dtype
+    c.model.param_dtype = "float32"   # master weights
+    c.model.frozen_param_dtype = "float32"  # storage of frozen weights ("bfloat16" halves their memory)
+    c.model.drop_path_rate = 0.0
+    c.model.remat = "full"            # none | full | dots | dots_saveable
+    c.model.attention = "blockwise"   # xla | blockwise (memory linear in the packed length)
+    c.model.attention_block = 512     # blockwise tile; blocks with no visible key are skipped
+
+    c.freeze = ml_collections.ConfigDict()
+    c.freeze.backbone = True          # InternViT
+    c.freeze.mlp = False              # projector mlp1
+    c.freeze.llm = False
+    c.freeze.unfreeze_vit_layers = 0  # last k ViT layers trainable even when the backbone is frozen
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.llm_rank = 0
+    c.lora.vit_rank = 0
+    c.lora.alpha_ratio = 2.0          # alpha = ratio * rank (upstream: 2 x rank)
+    c.lora.dropout = 0.05
+    c.lora.llm_targets = ()           # empty = the family's upstream target list
+    c.lora.vit_targets = ("qkv", "proj", "fc1", "fc2")
+
+    c.data = default_data_config()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 4e-5
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.warmup_ratio = 0.03
+    c.optim.min_lr_ratio = 0.0
+    c.optim.no_decay = ()             # regexes over parameter paths exempt from weight decay
+
+    c.grad_accum = 1                  # micro-batches per step (data.batch_size % grad_accum == 0)
+    c.num_epochs = 1
+    c.total_steps = -1                # > 0 caps the run
+    c.loss_chunk_size = 1024          # tokens per cross-entropy chunk
+    c.max_nonfinite_steps = 5         # consecutive skipped (NaN/inf) updates that stop the run
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = True
+
+    c.log_every = 1
+    c.export = ml_collections.ConfigDict({"hf": True, "dtype": "bfloat16"})
+    c.eval = ml_collections.ConfigDict({"enabled": False, "max_new_tokens": 8, "num_samples": 0})
+    c.peak_flops_per_device = 0.0     # 0 = look up by device kind (unknown: MFU not reported)
+    return c
+
+
+def second_finetune(name: str, model_path: str, template: str, *, lr: float, weight_decay: float,
+                    drop_path_rate: float, max_length: int = 4096, grad_accum: int = 4) -> ml_collections.ConfigDict:
+    """Upstream's 2nd-finetune recipe (full fine-tune, frozen ViT, 12 tiles + thumbnail, 1 epoch,
+    global batch 128 samples of up to ``max_length`` tokens). mmjax packs: 32 rows of 16k tokens
+    hold as many tokens as 128 samples of 4k."""
+    c = base_config()
+    c.name = name
+    c.model_path = model_path
+    c.model.drop_path_rate = drop_path_rate
+    c.freeze.backbone = True
+    c.optim.lr = lr
+    c.optim.weight_decay = weight_decay
+    c.data.template = template
+    c.data.max_length = max_length
+    c.data.max_dynamic_patch = 12
+    c.data.pack_max_length = 16384
+    c.data.max_tiles_per_pack = 64
+    c.data.batch_size = 32
+    c.grad_accum = grad_accum
+    return c
+
+
+def lora_variant(c: ml_collections.ConfigDict, *, rank: int = 16, grad_accum: int = 2) -> ml_collections.ConfigDict:
+    """Upstream's LoRA scripts on top of a 2nd-finetune config: rank r on the LLM (alpha 2r),
+    ViT / MLP / LLM base frozen (base stored in bf16), no drop path, global batch 16 samples."""
+    c.name = c.name + "_lora"
+    c.lora.llm_rank = rank
+    c.freeze.backbone = c.freeze.mlp = c.freeze.llm = True
+    c.model.drop_path_rate = 0.0
+    c.model.frozen_param_dtype = "bfloat16"
+    c.data.batch_size = 4
+    c.grad_accum = grad_accum
+    return c

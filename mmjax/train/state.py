@@ -1,0 +1,119 @@
+"""The train state: which parameters train, where they live on the mesh, and what is carried
+from step to step.
+
+The model is split once into ``graphdef`` (static structure), ``trainable`` params, ``frozen``
+params and the rest. Only ``trainable`` enters ``jax.grad`` and the optimizer, so frozen
+parameters have no gradients and no optimizer state. LoRA adapters (a later issue) are simply
+more trainable parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmjax import sharding as shd
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def effective_freeze(cfg):
+    """The freeze flags after LoRA: as in peft, a module that carries adapters trains only its
+    adapters, so a LoRA rank on the LLM (ViT) freezes the LLM (ViT) base weights."""
+    f = cfg.freeze.to_dict() if hasattr(cfg.freeze, "to_dict") else dict(cfg.freeze)
+    if cfg.lora.llm_rank:
+        f["llm"] = True
+    if cfg.lora.vit_rank:
+        f["backbone"] = True
+        f["unfreeze_vit_layers"] = 0
+    import ml_collections
+    return ml_collections.ConfigDict(f)
+
+
+def trainable_filter(freeze, has_vision: bool) -> Callable[[tuple, Any], bool]:
+    """The parameters that train under the config's ``freeze`` block (upstream semantics:
+    freeze_backbone / freeze_mlp / freeze_llm; ``unfreeze_vit_layers`` = k re-enables the ViT
+    layers ``[k:]`` as upstream slices them (negative k = the last |k|), handled by :func:`vit_layer_mask` because ViT layers are one stacked array)."""
+
+    def f(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        if isinstance(value, nnx.LoRAParam):
+            return True
+        head = str(path[0]) if has_vision else "language_model"
+        if head == "vision_model":
+            if freeze.get("unfreeze_vit_layers", 0) and len(path) > 1 and str(path[1]) == "layers":
+                return True
+            return not freeze.backbone
+        if head == "mlp1":
+            return not freeze.mlp
+        return not freeze.llm
+
+    return f
+
+
+def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool):
+    """Per-leaf multiplier (or None) zeroing the updates of ViT layers that stay frozen when only
+    the layers ``[unfreeze_vit_layers:]`` of a frozen backbone train. The frozen layers of that one
+    stacked array keep (zero) optimizer state: the price of scanning the ViT as one stack."""
+    k = int(freeze.get("unfreeze_vit_layers", 0) or 0)
+    if not (has_vision and freeze.backbone and k):
+        return None
+
+    def m(path, x):
+        if len(path) > 1 and str(path[0].key if hasattr(path[0], "key") else path[0]) == "vision_model":
+            keys = [str(getattr(p, "key", p)) for p in path]
+            if keys[1] == "layers":
+                n = x.shape[0]
+                # upstream slices encoder.layers[k:]: k = -2 trains the last two, k = 20 layers 20..
+                first = k if k >= 0 else n + k
+                first = max(0, min(n, first))
+                mask = (np.arange(n) >= first).astype(np.float32)
+                return jnp.asarray(mask).reshape((n,) + (1,) * (x.ndim - 1))
+        return None
+
+    return jax.tree_util.tree_map_with_path(m, trainable)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any            # nnx.State of trainable parameters (float32 master weights)
+    opt_state: Any
+    rng: jax.Array
+    nonfinite_streak: jax.Array   # consecutive skipped updates
+    nonfinite_total: jax.Array
+
+
+def param_shardings(state, mesh: Mesh):
+    """NamedSharding for every leaf of an nnx.State from the logical axes each Param records."""
+
+    def f(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("out_sharding")
+            return x.replace(shd.named_sharding(mesh, axes, x.shape))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh):
+    return NamedSharding(mesh, P())
+
+
+def count_params(state) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def state_bytes(state) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))

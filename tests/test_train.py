@@ -1,0 +1,514 @@
+"""Acceptance tests of the trainer (mmjax/train): resume after SIGKILL, freezing, gradient
+accumulation, chunked cross-entropy, the non-finite guard, HF export and config validation.
+
+Everything runs on a much smaller variant of configs/tiny.py (see ``OVERRIDES``); the synthetic
+assets (data, tokenizer, random initial checkpoint) are generated once per module and copied into
+each run's workdir.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import loss as loss_lib
+from mmjax.train import optim as optim_lib
+from mmjax.train import run as run_lib
+from mmjax.train import state as state_lib
+from mmjax.train import step as step_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a much smaller tiny config: ~30 s per full run on 2 CPU cores, mostly compilation
+OVERRIDES = {
+    "synthetic.num_train": 64,
+    "synthetic.num_eval": 8,
+    "synthetic.vision.hidden_size": 32,
+    "synthetic.vision.num_hidden_layers": 2,
+    "synthetic.vision.num_attention_heads": 2,
+    "synthetic.vision.intermediate_size": 64,
+    "synthetic.llm.hidden_size": 64,
+    "synthetic.llm.num_hidden_layers": 2,
+    "synthetic.llm.num_attention_heads": 4,
+    "synthetic.llm.num_key_value_heads": 2,
+    "synthetic.llm.intermediate_size": 128,
+    "data.batch_size": 2,
+    "data.pack_max_length": 256,
+    "data.max_tiles_per_pack": 16,
+    "total_steps": 6,
+    "checkpoint.every_steps": 2,
+    "eval.enabled": False,
+}
+RESUME_STEPS = 30  # long enough to SIGKILL a run in the middle (steps take ~30 ms, saves longer)
+
+
+def tiny_config(**extra):
+    spec = importlib.util.spec_from_file_location("_tiny_config", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.update_from_flattened_dict({**OVERRIDES, **extra})
+    return cfg
+
+
+def cli_args(**extra) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """A workdir whose ``assets`` folder (data, tokenizer, init checkpoint) is generated once."""
+    base = tmp_path_factory.mktemp("train_assets")
+    run_lib.prepare_synthetic(tiny_config(), str(base))
+    return base
+
+
+def new_workdir(assets: Path, root: Path, name: str) -> Path:
+    wd = root / name
+    shutil.copytree(assets / "assets", wd / "assets")
+    return wd
+
+
+def read_losses(workdir: Path) -> dict[int, float]:
+    """step -> the last ``train/loss`` written for that step (a resumed run re-logs steps)."""
+    out = {}
+    with open(workdir / "metrics.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if "train/loss" in r:
+                out[r["step"]] = r["train/loss"]
+    return out
+
+
+def max_logged_step(workdir: Path) -> int:
+    p = workdir / "metrics.jsonl"
+    if not p.exists():
+        return 0
+    steps = [0]
+    for line in p.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass  # a line being written
+    return max(steps)
+
+
+def load_parts(cfg, assets: Path):
+    """Model, tokenizer and a loader built like run.train builds them (synthetic paths set)."""
+    import mmjax
+    from mmjax.data import build_dataset, build_loader
+    from mmjax.data.tokenizer import load_tokenizer
+
+    run_lib.prepare_synthetic(cfg, str(assets))  # idempotent: only sets the paths
+    tok = load_tokenizer(cfg.model_path)
+    model = mmjax.from_pretrained(cfg.model_path, dtype="float32", param_dtype="float32",
+                                  img_context_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    loader = build_loader(cfg.data, tok, dataset=build_dataset(cfg.data, tok))
+    return model, tok, loader
+
+
+def host_batch(loader, rows: int) -> dict:
+    b = run_lib.rows_view(next(loader), rows)
+    return {k: jnp.asarray(b[k]) for k in step_lib.ROW_KEYS if k in b}
+
+
+def restore_params(cfg, assets: Path, workdir: Path, step: int | None = None):
+    """(graphdef, restored TrainState, frozen, rest) of a run's checkpoint."""
+    model, tok, loader = load_parts(cfg, assets)
+    loader.close()
+    filt = state_lib.trainable_filter(cfg.freeze, True)
+    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
+    tx, _ = optim_lib.make_optimizer(cfg.optim, max(cfg.total_steps, 1))
+    target = step_lib.init_state(trainable, tx, cfg.seed)
+    ck = ckpt_lib.RunCheckpointer(str(workdir / "checkpoints"), every_steps=1, keep=100, async_save=False)
+    try:
+        step = ck.latest_step() if step is None else step
+        state, data_state, config = ck.restore(step, target)
+    finally:
+        ck.close()
+    return graphdef, state, frozen, rest, config
+
+
+def tree_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+# ---------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets, tmp_path_factory):
+    """An uninterrupted run of RESUME_STEPS steps (exported as float32 HF weights)."""
+    wd = new_workdir(assets, tmp_path_factory.mktemp("ref"), "run")
+    result = run_lib.train(tiny_config(total_steps=RESUME_STEPS), str(wd))
+    assert result["step"] == RESUME_STEPS
+    return wd
+
+
+def test_resume_after_sigkill_is_bit_identical(assets, reference_run, tmp_path, capsys):
+    wd = new_workdir(assets, tmp_path, "killed")
+    ckdir = wd / "checkpoints"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py", f"--workdir={wd}",
+         *cli_args(total_steps=RESUME_STEPS)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    killed_mid_save = False
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            s = max_logged_step(wd)
+            saving = bool(glob.glob(str(ckdir / "*.orbax-checkpoint-tmp")))
+            done = [d for d in glob.glob(str(ckdir / "*")) if os.path.basename(d).isdigit()]
+            # prefer a kill while orbax writes a checkpoint after a first one is complete;
+            # otherwise any time after step 8
+            if (s >= 3 and saving and done) or s >= 8:
+                proc.send_signal(signal.SIGKILL)
+                killed_mid_save = saving
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None and not killed_mid_save:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    killed_at = max_logged_step(wd)
+    assert 3 <= killed_at < RESUME_STEPS
+
+    # the previous checkpoint is complete and the latest visible one; partial saves are invisible
+    ck = ckpt_lib.RunCheckpointer(str(ckdir), every_steps=2, keep=1, async_save=False)
+    latest = ck.latest_step()
+    ck.close()
+    assert latest is not None and latest % 2 == 0 and latest <= killed_at + 1
+    if not glob.glob(str(ckdir / "*.orbax-checkpoint-tmp")):
+        # the kill missed orbax's write window: leave a partial save of the next step behind by hand
+        partial = ckdir / f"{latest + 2}.orbax-checkpoint-tmp"
+        (partial / "state").mkdir(parents=True)
+        (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+
+    capsys.readouterr()
+    result = run_lib.train(tiny_config(total_steps=RESUME_STEPS), str(wd))
+    out = capsys.readouterr().out
+    assert f"resumed from {ckdir}/{latest}" in out
+    assert result["step"] == RESUME_STEPS
+
+    ref, got = read_losses(reference_run), read_losses(wd)
+    assert sorted(ref) == list(range(1, RESUME_STEPS + 1))
+    assert sorted(got) == sorted(ref)
+    diff = {s: (ref[s], got[s]) for s in ref if ref[s] != got[s]}
+    assert not diff, f"losses differ after resume (killed at step {killed_at}, mid-save={killed_mid_save}): {diff}"
+    assert len(set(ref.values())) > 1  # a loss that moves, so equality means something
+    assert not glob.glob(str(ckdir / "*.orbax-checkpoint-tmp"))
+
+
+def test_export_reloads_with_identical_logits(assets, reference_run):
+    import mmjax
+
+    cfg = tiny_config(total_steps=RESUME_STEPS)
+    graphdef, state, frozen, rest, saved_cfg = restore_params(cfg, assets, reference_run)
+    assert int(state.step) == RESUME_STEPS
+    assert saved_cfg["total_steps"] == RESUME_STEPS
+    trained = nnx.merge(graphdef, state.params, frozen, rest)
+
+    model, tok, loader = load_parts(cfg, assets)
+    batch = host_batch(loader, cfg.data.batch_size)
+    loader.close()
+    exported = mmjax.from_pretrained(str(reference_run / "hf"), dtype="float32",
+                                     img_context_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    # the export holds the trained weights, not the initial ones
+    assert tree_equal(nnx.state(exported, nnx.Param), nnx.state(trained, nnx.Param))
+    assert not tree_equal(nnx.state(model, nnx.Param), nnx.state(trained, nnx.Param))
+
+    def logits(m):
+        h, mismatch = step_lib.model_hidden(m, batch, None, train=False)
+        assert not bool(mismatch)
+        return np.asarray(step_lib.language_model(m).logits(h))
+
+    a, b = logits(trained), logits(exported)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# freezing
+
+
+def _paths(state) -> list[str]:
+    return [state_lib.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def test_frozen_backbone_and_mlp_stay_bit_identical(assets, tmp_path):
+    from safetensors.numpy import load_file
+
+    extra = {"freeze.backbone": True, "freeze.mlp": True, "freeze.llm": False, "total_steps": 3,
+             "export.dtype": "float32"}
+    wd = new_workdir(assets, tmp_path, "frozen")
+    run_lib.train(tiny_config(**extra), str(wd))
+    init = load_file(str(wd / "assets" / "init" / "model.safetensors"))
+    out = load_file(str(wd / "hf" / "model.safetensors"))
+    assert set(init) == set(out)
+    frozen_keys = [k for k in init if k.startswith(("vision_model.", "mlp1."))]
+    llm_keys = [k for k in init if k.startswith("language_model.")]
+    assert frozen_keys and llm_keys and len(frozen_keys) + len(llm_keys) == len(init)
+    for k in frozen_keys:
+        assert out[k].dtype == init[k].dtype and np.array_equal(out[k], init[k]), k
+    changed = [k for k in llm_keys if not np.array_equal(out[k], init[k])]
+    assert changed == llm_keys  # AdamW with decay moves every trained tensor
+
+    # the optimizer state covers exactly the trainable params (Adam: mu and nu)
+    cfg = tiny_config(**extra)
+    model, _, loader = load_parts(cfg, assets)
+    loader.close()
+    filt = state_lib.trainable_filter(cfg.freeze, True)
+    _, trainable, frozen, _ = nnx.split(model, filt, nnx.Param, ...)
+    assert all(p.startswith("language_model") for p in _paths(trainable))
+    assert any(p.startswith("vision_model") for p in _paths(frozen))
+    assert any(p.startswith("mlp1") for p in _paths(frozen))
+    tx, _ = optim_lib.make_optimizer(cfg.optim, 3)
+    st = step_lib.init_state(trainable, tx, 0)
+    opt_arrays = [x for x in jax.tree.leaves(st.opt_state) if np.ndim(x) > 0]
+    assert len(opt_arrays) == 2 * len(jax.tree.leaves(trainable))
+    assert sum(x.size * x.dtype.itemsize for x in opt_arrays) == 2 * state_lib.state_bytes(trainable)
+    assert state_lib.count_params(trainable) + state_lib.count_params(frozen) == \
+        state_lib.count_params(nnx.state(model, nnx.Param))
+    assert not any("vision_model" in p or "mlp1" in p for p in _paths(st.opt_state))
+
+
+def test_unfreeze_last_vit_layer(assets):
+    cfg = tiny_config(**{"freeze.backbone": True, "freeze.unfreeze_vit_layers": -1, "total_steps": 4})
+    model, _, loader = load_parts(cfg, assets)
+    filt = state_lib.trainable_filter(cfg.freeze, True)
+    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
+    vit_train = [p for p in _paths(trainable) if p.startswith("vision_model")]
+    assert vit_train and all(p.startswith("vision_model/layers") for p in vit_train)
+    assert any(p.startswith("vision_model") for p in _paths(frozen))  # embeddings stay frozen
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, 4)
+    mask = state_lib.vit_layer_mask(trainable, cfg.freeze, True)
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, grad_accum=1, chunk_size=1024,
+                                            update_mask=mask))
+    st = step_lib.init_state(trainable, tx, 0)
+    p0 = jax.tree.map(np.asarray, st.params)
+    for _ in range(2):  # step 0 has lr 0 (warmup)
+        st, m = step(st, frozen, rest, host_batch(loader, cfg.data.batch_size))
+        assert int(m["train/skipped"]) == 0
+    loader.close()
+    flat0 = dict(jax.tree_util.tree_flatten_with_path(p0)[0])
+    n_checked = 0
+    for path, new in jax.tree_util.tree_flatten_with_path(st.params)[0]:
+        name, old, new = state_lib.path_str(path), flat0[path], np.asarray(new)
+        if name.startswith("vision_model/layers"):
+            assert new.shape[0] == 2
+            np.testing.assert_array_equal(new[0], old[0], err_msg=name)   # layer 0 frozen
+            assert not np.array_equal(new[1], old[1]), name               # layer 1 trains
+            n_checked += 1
+    assert n_checked == len(vit_train)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation, cross-entropy
+
+
+def test_grad_accum_matches_one_big_batch(assets):
+    cfg = tiny_config(**{"data.batch_size": 8})
+    model, _, loader = load_parts(cfg, assets)
+    batch = host_batch(loader, 8)
+    loader.close()
+    assert batch["pixel_values"].ndim == 5 and batch["image_flags"].shape[0] == 8
+    filt = state_lib.trainable_filter(cfg.freeze, True)
+    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
+    tx, schedule = optax.sgd(1.0), (lambda s: jnp.ones((), jnp.float32))  # params moved by -grad
+    results = {}
+    for ga in (4, 1):
+        f = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, grad_accum=ga, chunk_size=100))
+        st, m = f(step_lib.init_state(trainable, tx, 0), frozen, rest, batch)
+        assert int(m["train/skipped"]) == 0 and int(m["train/image_token_mismatch"]) == 0
+        results[ga] = (float(m["train/loss"]), jax.tree.map(np.asarray, st.params), m)
+    (l4, p4, m4), (l1, p1, m1) = results[4], results[1]
+    assert np.isfinite(l1) and l1 > 0
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    assert float(m4["train/supervised_tokens"]) == float(m1["train/supervised_tokens"]) > 0
+    assert float(m4["train/token_accuracy"]) == float(m1["train/token_accuracy"])
+    np.testing.assert_allclose(float(m4["train/grad_norm"]), float(m1["train/grad_norm"]), rtol=1e-5)
+    p0 = jax.tree.map(np.asarray, trainable)
+    for (path, a), b, c in zip(jax.tree_util.tree_flatten_with_path(p4)[0], jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        g4, g1 = c - a, c - b
+        scale = max(float(np.abs(g1).max()), 1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=state_lib.path_str(path))
+        np.testing.assert_allclose(g4, g1, rtol=0, atol=1e-5 * scale, err_msg=state_lib.path_str(path))
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 20, 64])
+def test_chunked_cross_entropy_matches_plain(chunk):
+    b, t, h, v = 2, 10, 8, 37
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    hidden = jax.random.normal(k[0], (b, t, h))
+    head = jax.random.normal(k[1], (h, v)) * 0.5
+    targets = jax.random.randint(k[2], (b, t), 0, v)
+    targets = targets.at[0, :3].set(loss_lib.IGNORE).at[1, -1].set(loss_lib.IGNORE)
+    weights = jnp.where(targets == loss_lib.IGNORE, 0.0, jax.random.uniform(k[3], (b, t)) + 0.5)
+
+    def plain(hd, w):
+        s, ws, c = loss_lib.cross_entropy(hd @ w, targets, weights)
+        return s, (ws, c)
+
+    def chunked(hd, w):
+        s, ws, c = loss_lib.chunked_cross_entropy(hd, lambda x: x @ w, targets, weights, chunk)
+        return s, (ws, c)
+
+    (s0, (w0, c0)), g0 = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(hidden, head)
+    (s1, (w1, c1)), g1 = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
+    assert float(s0) > 0 and int(c0) == int(c1) and float(w0) == float(w1)
+    np.testing.assert_allclose(s1, s0, rtol=1e-5)
+    for a, b_ in zip(g1, g0):
+        assert float(jnp.abs(b_).max()) > 0
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+    # an ignored position has no gradient
+    np.testing.assert_array_equal(np.asarray(g1[0])[0, :3], 0.0)
+
+
+def test_shift_targets_never_crosses_segments():
+    labels = np.array([[10, 11, 12, 13, 20, 21, 22, 30, 0, 0],
+                       [40, -100, 42, 43, 44, 50, 51, 52, 53, 54]])
+    segs = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 0, 0],
+                     [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]])
+    w_in = np.arange(1, 21, dtype=np.float32).reshape(2, 10)
+    t, w = loss_lib.shift_targets(jnp.asarray(labels), jnp.asarray(w_in), jnp.asarray(segs))
+    t, w = np.asarray(t), np.asarray(w)
+    for r in range(2):
+        for i in range(10):
+            same = i + 1 < 10 and segs[r, i + 1] == segs[r, i] and segs[r, i] != 0
+            want = labels[r, i + 1] if same else loss_lib.IGNORE
+            assert t[r, i] == want, (r, i)
+            assert w[r, i] == (w_in[r, i + 1] if same and want != loss_lib.IGNORE else 0.0), (r, i)
+    assert t[0, 3] == loss_lib.IGNORE and t[0, 6] == loss_lib.IGNORE and t[1, 4] == loss_lib.IGNORE
+    assert t[0, 0] == 11 and t[1, 5] == 51
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite guard
+
+
+def test_nan_batch_is_skipped_and_counted(assets):
+    # no warmup: optax's schedule count does not advance on skipped steps, so after two skips
+    # the good step would still run at the warmup's lr 0
+    cfg = tiny_config(**{"total_steps": 10, "optim.warmup_ratio": 0.0})
+    model, _, loader = load_parts(cfg, assets)
+    good = host_batch(loader, cfg.data.batch_size)
+    loader.close()
+    # NaN on the weight of a supervised token (a NaN on a masked position is rightly ignored)
+    _, w = loss_lib.shift_targets(good["labels"], good["loss_weights"], good["segment_ids"])
+    r, i = np.argwhere(np.asarray(w) > 0)[0]
+    bad = dict(good)
+    bad["loss_weights"] = good["loss_weights"].at[r, i + 1].set(jnp.nan)
+    filt = state_lib.trainable_filter(cfg.freeze, True)
+    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, 10)
+    step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, grad_accum=2, chunk_size=128))
+    st0 = step_lib.init_state(trainable, tx, 0)
+    p0 = jax.tree.map(np.asarray, st0.params)
+    o0 = jax.tree.map(np.asarray, st0.opt_state)
+
+    st, m = step(st0, frozen, rest, bad)
+    assert int(m["train/skipped"]) == 1 and int(m["train/nonfinite_streak"]) == 1
+    assert not np.isfinite(float(m["train/loss"]))
+    assert tree_equal(st.params, p0) and tree_equal(st.opt_state, o0)
+    st, m = step(st, frozen, rest, bad)
+    assert int(m["train/skipped"]) == 1 and int(st.nonfinite_streak) == 2 and int(st.nonfinite_total) == 2
+    assert tree_equal(st.params, p0)
+    st, m = step(st, frozen, rest, good)
+    assert int(m["train/skipped"]) == 0 and int(st.nonfinite_streak) == 0 and int(st.nonfinite_total) == 2
+    assert np.isfinite(float(m["train/loss"]))
+    assert not tree_equal(st.params, p0)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(st.params))
+
+
+def test_run_stops_after_max_nonfinite_steps(assets, tmp_path, monkeypatch):
+    """Steps >= 3 get NaN loss weights (injected into the jitted step): the run stops at the
+    streak limit with an error, and the last checkpoint holds the last good (finite) params."""
+    orig = step_lib.make_train_step
+
+    def poisoned(*args, **kwargs):
+        f = orig(*args, **kwargs)
+
+        def g(state, frozen, rest, batch):
+            batch = dict(batch)
+            batch["loss_weights"] = jnp.where(state.step >= 2, jnp.nan, batch["loss_weights"])
+            return f(state, frozen, rest, batch)
+        return g
+
+    monkeypatch.setattr(step_lib, "make_train_step", poisoned)
+    extra = {"total_steps": 10, "checkpoint.keep": 5, "max_nonfinite_steps": 2, "export.hf": False}
+    wd = new_workdir(assets, tmp_path, "nan")
+    with pytest.raises(RuntimeError, match="consecutive non-finite"):
+        run_lib.train(tiny_config(**extra), str(wd))
+    losses = read_losses(wd)
+    assert np.isfinite(losses[1]) and np.isfinite(losses[2]) and not np.isfinite(losses[3])
+    assert max(losses) < 10
+    cfg = tiny_config(**extra)
+    _, good, *_ = restore_params(cfg, assets, wd, step=2)
+    _, last, *_ = restore_params(cfg, assets, wd)
+    assert int(last.step) >= 2
+    assert tree_equal(last.params, good.params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(last.params))
+    assert not glob.glob(str(wd / "checkpoints" / "*.orbax-checkpoint-tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# config validation
+
+
+def test_unknown_config_key_fails_before_anything_runs(tmp_path):
+    wd = tmp_path / "wd"
+    p = subprocess.run([sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py",
+                        "--config.no_such_key=1", f"--workdir={wd}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0
+    assert "no_such_key" in p.stderr
+    assert not wd.exists()  # no assets generated, nothing compiled
+
+
+def test_batch_size_not_divisible_by_grad_accum(assets, tmp_path):
+    cfg = tiny_config(**{"data.batch_size": 3, "grad_accum": 2})
+    with pytest.raises(run_lib.ConfigError, match="multiple of"):
+        run_lib.validate_config(cfg)
+    # through train(): a real checkpoint directory, so only the batch arithmetic is wrong
+    cfg = tiny_config(**{"data.batch_size": 3, "grad_accum": 2, "synthetic.enabled": False,
+                         "model_path": str(assets / "assets" / "init")})
+    with pytest.raises(run_lib.ConfigError, match="grad_accum"):
+        run_lib.train(cfg, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+    run_lib.validate_config(tiny_config(**{"data.batch_size": 4, "grad_accum": 2}))  # fine
+
+
+def test_missing_model_path_gives_download_hint(tmp_path):
+    missing = tmp_path / "pretrained" / "InternVL2-1B"
+    cfg = tiny_config(**{"synthetic.enabled": False, "model_path": str(missing)})
+    with pytest.raises(run_lib.ConfigError, match="huggingface-cli download OpenGVLab/InternVL2-1B"):
+        run_lib.validate_config(cfg)
+    cfg = tiny_config(**{"synthetic.enabled": False, "model_path": ""})
+    with pytest.raises(run_lib.ConfigError, match="model_path is empty"):
+        run_lib.validate_config(cfg)
+    # the CLI turns it into a one-line error and exit status 2
+    p = subprocess.run([sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py",
+                        "--config.synthetic.enabled=False", f"--config.model_path={missing}",
+                        f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "huggingface-cli download OpenGVLab/InternVL2-1B" in p.stderr
