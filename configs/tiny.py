@@ -37,11 +37,14 @@ def get_config():
     c.data.pack_max_length = 512
     c.data.max_tiles_per_pack = 32
 
-    c.optim.lr = 1e-3            # 2e-3 and above: the model settles on text-only priors
+    # measured: lr 2e-3 stays on text-only priors; 1e-3 (b2 0.999) escapes them only sometimes;
+    # 7e-4 with b2 0.98 learns the image path reliably within the budget
+    c.optim.lr = 7e-4
+    c.optim.b2 = 0.98
     c.optim.weight_decay = 0.01
     c.optim.warmup_ratio = 0.05
     c.data.batch_size = 4
-    c.num_epochs = 4
+    c.num_epochs = 6
     c.loss_chunk_size = 1024
     c.checkpoint.every_steps = 100
     c.eval.enabled = True
