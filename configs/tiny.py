@@ -19,6 +19,9 @@ def get_config():
     c.synthetic.vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                               image_size=56, patch_size=14, norm_type="layer_norm", qkv_bias=True,
                               qk_normalization=False, layer_norm_eps=1e-6, initializer_factor=1.0)
+    # the random lm_head at std 0.02 caps the logits near 3 behind the final RMSNorm; 10x lets the
+    # model answer confidently early (measured: 91% -> 100% held-out accuracy at the same steps)
+    c.synthetic.head_init_scale = 10.0
     c.synthetic.llm = dict(hidden_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=320, rms_norm_eps=1e-5, rope_theta=10000.0,
                            max_position_embeddings=2048)
@@ -37,14 +40,14 @@ def get_config():
     c.data.pack_max_length = 512
     c.data.max_tiles_per_pack = 32
 
-    # measured: lr 2e-3 stays on text-only priors; 1e-3 (b2 0.999) escapes them only sometimes;
-    # 7e-4 with b2 0.98 learns the image path reliably within the budget
+    # measured (head at the default scale): lr 2e-3 stays on text-only priors, 1e-3 (b2 0.999)
+    # escapes them only sometimes, 7e-4 with b2 0.98 learns the image path
     c.optim.lr = 7e-4
     c.optim.b2 = 0.98
     c.optim.weight_decay = 0.01
     c.optim.warmup_ratio = 0.05
     c.data.batch_size = 4
-    c.num_epochs = 6
+    c.num_epochs = 4
     c.loss_chunk_size = 1024
     c.checkpoint.every_steps = 100
     c.eval.enabled = True

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "base"
     c.model_path = ""            # HF checkpoint directory (InternVL-Chat, transformers InternVL, causal LM)
     c.tokenizer_path = ""        # defaults to model_path
-    c.synthetic = ml_collections.ConfigDict({"enabled": False})  # the embedded default builds its own
+    c.synthetic = ml_collections.ConfigDict({"enabled": False,      # the embedded default builds its own
+                                             "head_init_scale": 1.0})  # x init std of its random lm_head
     c.seed = 42
 
     c.model = ml_collections.ConfigDict()

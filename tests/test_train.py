@@ -512,3 +512,48 @@ def test_missing_model_path_gives_download_hint(tmp_path):
                         f"--workdir={tmp_path / 'wd'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "huggingface-cli download OpenGVLab/InternVL2-1B" in p.stderr
+
+
+def test_lora_run_trains_only_adapters_and_exports_both_ways(assets, tmp_path):
+    """A LoRA run (with LoRA dropout on): the optimizer state is exactly Adam's two moments of the
+    LoRA parameters, the base stays untouched, and the run ends with a PEFT adapter plus a merged
+    HF checkpoint whose weights equal base + scaling * A @ B."""
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    from mmjax.models.lora import apply_lora, lora_param_count
+
+    extra = {"lora.llm_rank": 4, "lora.vit_rank": 2, "lora.dropout": 0.1, "total_steps": 3,
+             "export.dtype": "float32"}
+    cfg = tiny_config(**extra)
+    model, _, loader = load_parts(cfg, assets)
+    loader.close()
+    apply_lora(model, llm_rank=4, vit_rank=2, dropout=0.1, rngs=0)
+    filt = state_lib.trainable_filter(state_lib.effective_freeze(cfg), True)
+    _, trainable, frozen, _ = nnx.split(model, filt, nnx.Param, ...)
+    n_lora = lora_param_count(model)
+    assert n_lora > 0 and state_lib.count_params(trainable) == n_lora + state_lib.count_params(
+        nnx.state(model.mlp1, nnx.Param))   # tiny keeps the projector trainable (freeze.mlp False)
+    tx, _ = optim_lib.make_optimizer(cfg.optim, 3)
+    st = step_lib.init_state(trainable, tx, 0)
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.opt_state) if np.ndim(x) > 0)
+    assert opt_bytes == 2 * 4 * state_lib.count_params(trainable)
+
+    wd = new_workdir(assets, tmp_path, "lora")
+    run_lib.train(cfg, str(wd))
+    init = load_file(str(wd / "assets" / "init" / "model.safetensors"))
+    merged = load_file(str(wd / "hf" / "model.safetensors"))
+    adapter = load_file(str(wd / "hf_adapter" / "adapter_model.safetensors"))
+    conf = _json.load(open(wd / "hf_adapter" / "adapter_config.json"))
+    assert conf["r"] == 4 and conf["peft_type"] == "LORA"
+    key = "language_model.model.layers.0.attention.wqkv.weight"
+    a = adapter[f"base_model.model.{key[:-len('.weight')]}.lora_A.weight"]
+    b = adapter[f"base_model.model.{key[:-len('.weight')]}.lora_B.weight"]
+    assert np.abs(b).max() > 0                      # the adapter trained
+    expect = init[key] + conf["lora_alpha"] / conf["r"] * (b @ a)
+    np.testing.assert_allclose(merged[key], expect, rtol=1e-5, atol=1e-6)
+    # untargeted base weights are untouched
+    for k in ("language_model.model.tok_embeddings.weight", "language_model.output.weight",
+              "vision_model.embeddings.patch_embedding.weight"):
+        assert np.array_equal(merged[k], init[k]), k

@@ -60,6 +60,7 @@ def generate_shapes_dataset(out_dir: str, num_train: int = 1200, num_eval: int =
 
     Idempotent: an existing complete dataset of the same version and sizes is reused.
     """
+    out_dir = os.path.abspath(out_dir)   # meta.json names absolute paths: valid from any working directory
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     stamp = os.path.join(out_dir, "DONE.json")
     spec = {"version": FORMAT_VERSION, "num_train": num_train, "num_eval": num_eval, "seed": seed}

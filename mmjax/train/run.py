@@ -90,14 +90,9 @@ def prepare_synthetic(cfg, workdir: str) -> None:
 
 def to_global(batch: dict, mesh) -> dict:
     """Host batch (this process's rows) -> global arrays sharded over rows on (data, fsdp)."""
-    out = {}
-    for k in step_lib.ROW_KEYS:
-        if k not in batch:
-            continue
-        v = np.asarray(batch[k])
-        spec = P(("data", "fsdp"))
-        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
-    return out
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    return {k: jax.make_array_from_process_local_data(rows, np.asarray(batch[k]))
+            for k in step_lib.ROW_KEYS}
 
 
 def rows_view(batch: dict, batch_rows: int) -> dict:
@@ -216,9 +211,15 @@ def train(cfg, workdir: str) -> dict:
         print(f"resumed from {checkpointer.directory}/{start}", flush=True)
     start = int(start or 0)
 
+    # explicit shardings: the state keeps the placement it was created with, rows split over
+    # (data, fsdp); the state is donated, so params and optimizer state are updated in place
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    rows_sh = {k: NamedSharding(mesh, P(("data", "fsdp"))) for k in step_lib.ROW_KEYS}
     step_fn = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum,
                                                chunk_size=cfg.loss_chunk_size, update_mask=update_mask,
                                                lora_dropout=use_lora and cfg.lora.dropout > 0),
+                      in_shardings=(state_sh, frozen_sh, state_lib.replicated(mesh), rows_sh),
+                      out_shardings=(state_sh, state_lib.replicated(mesh)),
                       donate_argnums=(0,))
 
     summary = startup_summary(cfg, model, state, frozen, dataset, mesh, total_steps, start)

@@ -96,7 +96,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
         (grads, loss_sum, correct, mismatch), _ = jax.lax.scan(body, init, (micro, rngs))
 
         loss = loss_sum / total_w
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~mismatch
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         if update_mask is not None:

@@ -65,6 +65,12 @@ def build_tiny_checkpoint(cfg, out_dir: str, data_paths: dict) -> str:
     hf_config = upstream_config(cfg, len(tokenizer), template)
     icfg = InternVLConfig.from_internvl_chat(hf_config, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
     model = InternVL(icfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(cfg.seed))
+    head_scale = float(cfg.synthetic.get("head_init_scale", 1.0))
+    if head_scale != 1.0:
+        # a frozen random output head bounds the logits (the final RMSNorm fixes |h|): a base that
+        # only LoRA will adapt needs a head able to express confident answers
+        head = model.language_model.lm_head
+        head.set_value(head[...] * head_scale)
     mmjax.save_pretrained(model, out_dir, layout="internvl_chat", hf_config=hf_config)
     with open(os.path.join(out_dir, "DONE"), "w") as f:
         f.write("ok\n")
