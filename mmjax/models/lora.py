@@ -339,17 +339,8 @@ def peft_target_names(model, modules: Sequence[LinearModule]) -> list[str] | str
     """peft ``target_modules`` that select exactly ``modules`` among the model's HF module names:
     for each module the shortest dotted suffix (without the layer index) that selects nothing else;
     a full-match regex when no such list exists."""
-    layer_map = model.num_layers_map()
-    concrete_universe = set()
-    for r in model.weight_rules():
-        if not r.hf_key.endswith(".weight"):
-            continue
-        base = r.hf_key[:-len(".weight")]
-        if "{i}" in base:
-            n = max((len(p), v) for p, v in layer_map.items() if r.path[:len(p)] == p)[1]
-            concrete_universe.update(base.format(i=i) for i in range(n))
-        else:
-            concrete_universe.add(base)
+    from mmjax.weights.rules import module_names
+    concrete_universe = set(module_names(model))
     wanted = {n for m in modules for n in m.hf_names()}
     names: list[str] = []
     for m in modules:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models import lora as L
+from mmjax.weights.rules import module_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -205,20 +206,10 @@ def _plan(model, cfg: dict, tensors_keys) -> list[tuple[L.LinearModule, int, flo
     mods = L.linear_modules(model)
     adaptable = {n for m in mods for n in m.hf_names()}
     # modules outside the LLM / ViT linear layers that the adapter would select (lm_head, mlp1, ...)
-    layer_map = model.num_layers_map()
-    for r in model.weight_rules():
-        if not r.hf_key.endswith(".weight"):
-            continue
-        base = r.hf_key[:-len(".weight")]
-        if "{i}" in base:
-            n = max((len(p), v) for p, v in layer_map.items() if r.path[:len(p)] == p)[1]
-            names = [base.format(i=i) for i in range(n)]
-        else:
-            names = [base]
-        for name in names:
-            if name not in adaptable and _peft_selects(cfg, name):
-                raise ValueError(f"adapter targets module {name}, which mmjax LoRA cannot adapt "
-                                 f"(only LLM / ViT linear layers)")
+    for name in module_names(model):
+        if name not in adaptable and _peft_selects(cfg, name):
+            raise ValueError(f"adapter targets module {name}, which mmjax LoRA cannot adapt "
+                             f"(only LLM / ViT linear layers)")
     r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     plan = []

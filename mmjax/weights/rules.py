@@ -115,3 +115,10 @@ def assign(model, rules: Iterable[TensorRule], tensors: dict[str, np.ndarray],
     if extra:
         raise KeyError(f"unexpected tensor {extra[0]} (and {len(extra) - 1} more)")
     nnx.update(model, state)
+
+
+def module_names(model) -> list[str]:
+    """Concrete HF names of the model's weight-carrying modules (``...layers.3.attention.wqkv``),
+    the names peft adapters address."""
+    return [key[:-len(".weight")] for key, _, _ in expand(model.weight_rules(), model.num_layers_map())
+            if key.endswith(".weight")]
