@@ -323,6 +323,19 @@ def _from_q_blocks(x):
     return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
 
 
+def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale):
+    """Key block ``[start, start + bk)`` against query block ``qi``: the block's keys and values,
+    its visibility mask and its masked float32 scores (B, Hkv, G, bq, bk); shared by the forward
+    pass and the recomputing backward pass."""
+    kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
+    vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+    ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
+    kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
+    msk = _tile_mask(qs, qp, ks, kp, causal)
+    sc = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    return kj, vj, msk, jnp.where(msk, sc, _MASKED_SCORE)
+
+
 def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
@@ -335,14 +348,7 @@ def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_
 
         def kv_step(j, carry):
             m, l, acc = carry
-            start = j * bk
-            kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
-            vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
-            ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
-            msk = _tile_mask(qs, qp, ks, kp, causal)
-            sc = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=f32) * scale
-            sc = jnp.where(msk, sc, _MASKED_SCORE)
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, j * bk, bk, causal, scale)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.where(msk, jnp.exp(sc - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
@@ -390,13 +396,7 @@ def _blockwise_core_bwd(causal, scale, bq, bk, res, do):
         def kv_step(j, c):
             dq_i, dk_acc, dv_acc = c
             start = j * bk
-            kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
-            vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
-            ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
-            msk = _tile_mask(qs, qp, ks, kp, causal)
-            sc = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=f32) * scale
-            sc = jnp.where(msk, sc, _MASKED_SCORE)
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale)
             p = jnp.where(msk, jnp.exp(sc - lse_i[..., None]), 0.0)  # (B,Hkv,G,bq,bk)
             dv_j = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do.dtype), doi, preferred_element_type=f32)
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, vj, preferred_element_type=f32)
