@@ -23,6 +23,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config() with a `data` field).")
 _INDEX = flags.DEFINE_integer("index", 0, "Sample index for `show`.")
 _COLOR = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"], "Colour supervised spans in `show`.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "For configs that generate their data (configs/tiny.py): the run "
+                               "directory holding it (default: workdirs/<config name>, as mmjax.train).")
 
 USAGE = "usage: python -m mmjax.data check|show --config=configs/<name>.py [--index=N]"
 
@@ -142,6 +144,10 @@ def main(argv):
         print("error: the config has no `data` field", file=sys.stderr)
         return 2
     try:
+        if config.get("synthetic") is not None and config.synthetic.get("enabled"):
+            # the embedded default generates its data, tokenizer and checkpoint where training does
+            from mmjax.train.run import prepare_synthetic
+            prepare_synthetic(config, _WORKDIR.value or os.path.join("workdirs", config.name))
         if argv[1] == "check":
             return cmd_check(config)
         color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty())
