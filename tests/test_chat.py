@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image

@@ -6,13 +6,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import math
 import os
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +21,6 @@ from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim as optim_lib
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
-
-log = logging.getLogger("mmjax.train")
-
 
 class ConfigError(ValueError):
     pass
@@ -103,18 +95,6 @@ def rows_view(batch: dict, batch_rows: int) -> dict:
         b["pixel_values"] = pv.reshape((batch_rows, -1) + pv.shape[1:])
         b["image_flags"] = b["image_flags"].reshape(batch_rows, -1)
     return b
-
-
-@dataclasses.dataclass
-class Run:
-    cfg: Any
-    workdir: str
-    model: Any
-    tokenizer: Any
-    graphdef: Any
-    frozen: Any
-    rest: Any
-    mesh: Any
 
 
 def rows_per_sample(dataset, data_cfg, probe: int = 64, fill: float = 0.95) -> float:

@@ -9,14 +9,12 @@ more trainable parameters.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

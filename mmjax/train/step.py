@@ -5,7 +5,7 @@ non-finite guard, and AdamW. Pure function of (state, frozen params, batch); jit
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
