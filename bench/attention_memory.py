@@ -8,8 +8,8 @@ input is a ``jax.ShapeDtypeStruct``).
 The function is the attention core of ``mmjax.models.decoder.Attention`` on one packed row:
 q (1, T, 16, 128), k / v (1, T, 8, 128) in bfloat16 (Mini-InternVL-2B / InternLM2-1.8B heads, GQA),
 int32 segment ids and positions; it returns the output and dq, dk, dv for an output cotangent
-(``jax.vjp``). ``xla`` builds the dense mask with ``layers.attention_mask`` and calls
-``layers.dot_product_attention``; ``blockwise`` calls ``layers.blockwise_attention``.
+(``jax.vjp``). ``xla`` builds the dense mask with ``attention.attention_mask`` and calls
+``attention.dot_product_attention``; ``blockwise`` calls ``attention.blockwise_attention``.
 
 This is the CPU backend's buffer plan: GPU XLA fuses and schedules differently, so read it as the
 size of what the step keeps live, not a measured GPU peak. Results: a table on stdout and
@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import BLOCKWISE_BLOCK_SIZE, attention_mask, blockwise_attention, dot_product_attention
+from mmjax.models.attention import BLOCKWISE_BLOCK_SIZE, attention_mask, blockwise_attention, dot_product_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

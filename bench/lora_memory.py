@@ -6,15 +6,15 @@ optimizer state and batch is a ``jax.ShapeDtypeStruct``).
     python bench/lora_memory.py --quick              # 1 row x 4096 tokens, 13 tiles (one upstream sample)
     python bench/lora_memory.py --models mini2b --layouts packed
 
-What is built is what ``mmjax/train/run.py`` builds for ``configs/mini{2b,4b}_lora.py``: the model
-from an upstream ``internvl_chat`` config.json dict (written below from the reference numbers),
-compute ``config.model.dtype`` (bfloat16), master ``param_dtype`` (float32), ``remat``
-('full'), LoRA from the config's ``lora`` block (rank 16, alpha 32, dropout 0.05, the family's
-upstream LLM targets), split with ``trainable_filter(effective_freeze(cfg))``, frozen params cast
-to ``frozen_param_dtype`` (bfloat16), ``make_optimizer``, ``init_state``, ``vit_layer_mask``,
-``make_train_step`` (grad_accum, loss_chunk_size, LoRA dropout on), jitted with the state donated.
-The only departures: the model is built under ``nnx.eval_shape`` (LoRA applied inside it) and the
-train state is ``jax.eval_shape`` of ``init_state``; there is one device (no mesh).
+What is compiled is what ``python -m mmjax.train`` runs for ``configs/mini{2b,4b}_lora.py``:
+``mmjax.train.setup.build_run(cfg, abstract=True, hf_config=...)`` with the model's upstream
+``internvl_chat`` config.json as a dict (written below from the reference numbers): compute
+``config.model.dtype`` (bfloat16), master ``param_dtype`` (float32), ``remat`` ('full'), the
+config's attention backend, LoRA from its ``lora`` block (rank 16, alpha 32, dropout 0.05, the
+family's upstream LLM targets), the trainable / frozen split with frozen params in
+``frozen_param_dtype`` (bfloat16), the optimizer, the update mask and the step (grad_accum,
+loss_chunk_size, LoRA dropout on) jitted with explicit shardings and the donated state, then
+``run.lower().compile()``. Abstract means every array is a ``ShapeDtypeStruct``; one device.
 
 Batch mapping (upstream ``..._lora.sh``: per-device batch 4 samples of <= 4096 tokens, at most
 12 tiles + thumbnail = 13 tiles of 448 each, grad accumulation 2): one micro-batch holds the
@@ -33,7 +33,6 @@ measured GPU peak. Results: a table on stdout and ``bench/results/lora_memory.js
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -44,19 +43,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mmjax.config import sibling_config
-from mmjax.models.lora import apply_lora, lora_param_count
-from mmjax.train import optim as optim_lib
-from mmjax.train import run as run_lib
+from mmjax.models.lora import lora_param_count
 from mmjax.train import state as state_lib
-from mmjax.train import step as step_lib
-from mmjax.weights import layouts
+from mmjax.train.setup import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -136,51 +130,28 @@ def load_train_config(name: str):
     return sibling_config(str(ROOT / "configs" / "base.py"), name)
 
 
-def sds(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-
-
-def abstract_batch(batch_rows: int, tokens: int, tiles: int) -> dict:
-    """The loader's batch after ``rows_view`` (pixel_values per row), as ShapeDtypeStructs."""
-    b = {k: sds((batch_rows, tokens), jnp.int32) for k in ("input_ids", "labels", "segment_ids", "positions")}
-    b["loss_weights"] = sds((batch_rows, tokens), jnp.float32)
-    b["pixel_values"] = sds((batch_rows, tiles, TILE, TILE, 3), jnp.float32)
-    b["image_flags"] = sds((batch_rows, tiles), jnp.int32)
-    return b
-
-
 def tree_bytes(tree) -> int:
     return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def build(key: str):
-    """(cfg, graphdef, abstract state, abstract frozen, abstract rest, tx, schedule, update_mask, info)."""
+def build(key: str, layout: tuple[int, int, int], grad_accum: int):
+    """(abstract run, info) for a model and a batch layout: the step's batch is ``grad_accum``
+    micro-batches of the layout's rows."""
     spec = MODELS[key]
+    rows, tokens, tiles = layout
     cfg = load_train_config(spec["train_config"])
-    dtype, param_dtype = run_lib._dtype(cfg.model.dtype), run_lib._dtype(cfg.model.param_dtype)
-    make = layouts.model_factory("internvl_chat", spec["config"], None, drop_path_rate=cfg.model.drop_path_rate,
-                                 remat=cfg.model.remat, attention=cfg.model.attention,
-                                 img_context_token_id=spec["img_context_token_id"])
-
-    def make_lora():
-        model = make(dtype, param_dtype, nnx.Rngs(0))
-        apply_lora(model, llm_rank=cfg.lora.llm_rank, vit_rank=cfg.lora.vit_rank, alpha_ratio=cfg.lora.alpha_ratio,
-                   dropout=cfg.lora.dropout, llm_targets=tuple(cfg.lora.llm_targets) or None,
-                   vit_targets=tuple(cfg.lora.vit_targets), rngs=cfg.seed)
-        return model
-
-    model = nnx.eval_shape(make_lora)
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model))), "not abstract"
-    has_vision = hasattr(model, "vision_model")
-    filt = state_lib.trainable_filter(state_lib.effective_freeze(cfg), has_vision)
-    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
-    frozen_dtype = run_lib._dtype(cfg.model.frozen_param_dtype)
-    frozen = jax.tree.map(lambda x: sds(x.shape, frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          frozen)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, 1000)
-    update_mask = state_lib.vit_layer_mask(trainable, cfg.freeze, has_vision)
-    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, cfg.seed), trainable)
-
+    with cfg.unlocked():
+        cfg.model.img_context_token_id = spec["img_context_token_id"]   # no tokenizer here
+        cfg.total_steps = 1000
+        cfg.grad_accum = grad_accum
+        cfg.data.batch_size = rows * grad_accum
+        cfg.data.pack_max_length = tokens
+        cfg.data.max_tiles_per_pack = tiles
+        cfg.data.image_size = TILE
+    run = build_run(cfg, abstract=True, hf_config=spec["config"], with_data=False)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((run.state, run.frozen))), "not abstract"
+    model = run.model()
+    trainable, frozen, state = run.state.params, run.frozen, run.state
     n_train = state_lib.count_params(trainable)
     n_lora = lora_param_count(model)
     float_opt = [x for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -194,34 +165,12 @@ def build(key: str):
         trainable_params=n_train, lora_params=n_lora, expected_trainable=spec["expected_trainable"],
         frozen_params=state_lib.count_params(frozen), frozen_bytes=tree_bytes(frozen),
         trainable_bytes=tree_bytes(trainable), opt_state_bytes=tree_bytes(state.opt_state),
-        opt_moment_bytes=moments, rest_bytes=tree_bytes(rest), upstream=spec["upstream"])
+        opt_moment_bytes=moments, rest_bytes=tree_bytes(run.rest), upstream=spec["upstream"])
     info["llm_heads"] = int(model.language_model.cfg.num_heads)
     info["vit_heads"] = int(model.vision_model.cfg.num_heads)
     info["opt_moments_ok"] = moments == 2 * 4 * n_train
     info["trainable_ok"] = n_train == n_lora == spec["expected_trainable"]
-    return cfg, graphdef, state, frozen, rest, tx, schedule, update_mask, info
-
-
-class _CopyingNnx:
-    """``flax.nnx`` with ``merge(..., copy=True)``: swapped into ``mmjax.train.step`` while tracing."""
-
-    def __getattr__(self, name):
-        return getattr(nnx, name)
-
-    @staticmethod
-    def merge(*args, **kwargs):
-        kwargs.setdefault("copy", True)
-        return nnx.merge(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def merge_with_copy():
-    saved = step_lib.nnx
-    step_lib.nnx = _CopyingNnx()
-    try:
-        yield
-    finally:
-        step_lib.nnx = saved
+    return run, info
 
 
 def top_temp_buffers(dump_dir: Path, n: int) -> list[str]:
@@ -243,32 +192,19 @@ def top_temp_buffers(dump_dir: Path, n: int) -> list[str]:
     return [f"{size / GiB:6.2f} GiB  {shape}  {name}" for size, shape, name in values[:n]]
 
 
-def compile_step(built, layout: tuple[int, int, int], grad_accum: int) -> dict:
-    cfg, graphdef, state, frozen, rest, tx, schedule, update_mask, info = built
+def compile_step(run, info, layout: tuple[int, int, int], grad_accum: int) -> dict:
     rows, tokens, tiles = layout
-    step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=grad_accum, chunk_size=cfg.loss_chunk_size,
-                                    update_mask=update_mask, lora_dropout=bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
-                                    and cfg.lora.dropout > 0)
-    batch = abstract_batch(rows * grad_accum, tokens, tiles)
     t0 = time.perf_counter()
-    shim = False
-    try:
-        lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, rest, batch)
-    except flax.errors.TraceContextError:
-        # make_train_step's LoRA-dropout path mutates the dropout Variables of ``rest`` that
-        # nnx.merge (copy=False) reuses from the outer jit trace; merging with copy=True traces.
-        shim = True
-        with merge_with_copy():
-            lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, rest, batch)
+    lowered = run.lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     ma = compiled.memory_analysis()
     arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
     alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
-    return dict(merge_copy_shim=shim, rows_per_micro=rows, tokens_per_row=tokens, tiles_per_row=tiles, grad_accum=grad_accum,
+    return dict(rows_per_micro=rows, tokens_per_row=tokens, tiles_per_row=tiles, grad_accum=grad_accum,
                 batch_rows=rows * grad_accum, image_tokens_per_row=tiles * TOKENS_PER_TILE,
-                batch_bytes=tree_bytes(batch), lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+                batch_bytes=tree_bytes(run.batch_spec()), lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
                 argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
                 generated_code_bytes=int(ma.generated_code_size_in_bytes),
                 # one (rows, heads, T, T) float32 score tensor of the plain XLA attention, per micro-batch
@@ -349,16 +285,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     results = []
     for m in models:
-        t0 = time.perf_counter()
-        built = build(m)
-        info = built[-1]
-        build_s = time.perf_counter() - t0
-        print(f"{info['model']}: built abstractly in {build_s:.1f}s; trainable {info['trainable_params']:,} "
-              f"(expected {info['expected_trainable']:,}: {'ok' if info['trainable_ok'] else 'MISMATCH'}); "
-              f"Adam moments {info['opt_moment_bytes']:,} B = 2 x 4 x trainable: "
-              f"{'ok' if info['opt_moments_ok'] else 'MISMATCH'}", flush=True)
         for lname, layout in layouts_.items():
-            c = compile_step(built, layout, args.grad_accum)
+            t0 = time.perf_counter()
+            run, info = build(m, layout, args.grad_accum)
+            build_s = time.perf_counter() - t0
+            print(f"{info['model']} ({lname}): built abstractly in {build_s:.1f}s; trainable {info['trainable_params']:,} "
+                  f"(expected {info['expected_trainable']:,}: {'ok' if info['trainable_ok'] else 'MISMATCH'}); "
+                  f"Adam moments {info['opt_moment_bytes']:,} B = 2 x 4 x trainable: "
+                  f"{'ok' if info['opt_moments_ok'] else 'MISMATCH'}", flush=True)
+            c = compile_step(run, info, layout, args.grad_accum)
             print(f"  {lname}: lower {c['lower_s']}s, compile {c['compile_s']}s, temp {gib(c['temp_bytes'])} GiB, "
                   f"peak {gib(c['peak_bytes'])} GiB; one LLM attention score tensor (rows, heads, T, T) f32 = "
                   f"{gib(c['llm_attn_scores_bytes'])} GiB, ViT {gib(c['vit_attn_scores_bytes'])} GiB", flush=True)
@@ -366,10 +301,6 @@ def main(argv=None) -> int:
                 c["top_temp_buffers"] = top_temp_buffers(dump_dir, args.top_buffers)
                 for line in c["top_temp_buffers"]:
                     print(f"      {line}")
-            if c["merge_copy_shim"]:
-                print("  warning: make_train_step(lora_dropout=True) fails to trace (TraceContextError: the LoRA "
-                      "dropout state is mutated across trace levels); compiled with nnx.merge(copy=True) instead",
-                      flush=True)
             results.append(dict(info, layout=lname, build_s=round(build_s, 1), compile=c))
     total_s = time.perf_counter() - t_start
 

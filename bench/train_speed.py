@@ -4,12 +4,13 @@
     python bench/train_speed.py --quick    # fewer steps, smaller batches for the 100M model
     python bench/train_speed.py --models tiny --steps 10 --recompile_steps 50
 
-Both models train through the pieces ``mmjax/train/run.py`` uses (the trainable/frozen split,
-``param_shardings`` placement on a mesh, ``make_optimizer``, ``init_state``,
-``make_train_step`` jitted with the donated state, and ``rows_view`` / ``to_global`` on real
-loader batches of the embedded default's shapes data); only the loop is the benchmark's own so
-that it can time each step and read the jitted step's compile cache. The ~100M model is the tiny
-one with a wider ViT (256 x 4) and decoder (768 x 12), random weights, the tiny tokenizer's vocab.
+Both models train through ``mmjax.train.setup.build_run``, the builder ``python -m mmjax.train``
+uses (the configured attention backend and remat, the trainable / frozen split with the frozen
+storage dtype, shardings, optimizer, update mask, and the step jitted with explicit in/out
+shardings and the donated state), on real loader batches of the embedded default's shapes data;
+only the loop is the benchmark's own so that it can time each step and read the jitted step's
+compile cache. The ~100M model is the tiny one with a wider ViT (256 x 4) and decoder (768 x 12),
+random weights (``build_run(hf_config=...)``), the tiny tokenizer's vocab.
 
 Timing: every step is ``block_until_ready``-ed; "step" time excludes host data loading, which is
 reported separately ("data ms"). "first step" is the wall time of the first call (trace + compile
@@ -42,15 +43,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from mmjax import sharding as shd
-from mmjax.train import optim as optim_lib
-from mmjax.train import run as run_lib
-from mmjax.train import state as state_lib
-from mmjax.train import step as step_lib
+from mmjax.data.embedded import prepare_embedded, upstream_config
+from mmjax.train.setup import build_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -80,53 +76,23 @@ def tiny_config():
     return mod.get_config()
 
 
-def build_model(cfg, tokenizer, big: bool):
-    """The tiny model from its generated checkpoint, or the ~100M variant with random weights."""
-    import mmjax
-    from mmjax.train.tiny import upstream_config
-    from mmjax.weights import layouts
-
-    img_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    if not big:
-        return mmjax.from_pretrained(cfg.model_path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                     remat=cfg.model.remat, img_context_token_id=img_id)
-    with cfg.unlocked():
-        cfg.synthetic.vision.update(BIG_VISION)
-        cfg.synthetic.llm.update(BIG_LLM)
-    hf_config = upstream_config(cfg, len(tokenizer), cfg.data.template)
-    make = layouts.model_factory("internvl_chat", hf_config, None, remat=cfg.model.remat,
-                                 img_context_token_id=img_id)
-    return make(jnp.float32, jnp.float32, nnx.Rngs(cfg.seed))
-
-
-def bench_model(name: str, cfg, steps: int, recompile_steps: int, big: bool) -> dict:
-    from mmjax.data import build_dataset, build_loader
-    from mmjax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model_path)
-    model = build_model(cfg, tokenizer, big)
-    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    loader = build_loader(cfg.data, tokenizer, dataset=build_dataset(cfg.data, tokenizer))
-
-    # the same split / placement / optimizer / step as run.train
-    filt = state_lib.trainable_filter(cfg.freeze, True)
-    graphdef, trainable, frozen, rest = nnx.split(model, filt, nnx.Param, ...)
-    trainable = jax.device_put(trainable, state_lib.param_shardings(trainable, mesh))
-    frozen = jax.device_put(frozen, state_lib.param_shardings(frozen, mesh))
-    rest = jax.device_put(rest, state_lib.replicated(mesh))
-    n_params = state_lib.count_params(trainable) + state_lib.count_params(frozen)
-    total = 1 + steps + recompile_steps
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, total)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx, cfg.seed))(trainable)
-    del trainable, model
-    step_fn = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum,
-                                               chunk_size=cfg.loss_chunk_size,
-                                               update_mask=None), donate_argnums=(0,))
+def bench_model(name: str, cfg, workdir: str, steps: int, recompile_steps: int, big: bool) -> dict:
+    hf_config = None
+    if big:   # the tiny InternVL, wider: random weights, the embedded tokenizer's vocabulary
+        prepare_embedded(cfg, workdir)   # the tiny assets (tokenizer, data); the model below is built from a dict
+        with cfg.unlocked():
+            cfg.synthetic.vision.update(BIG_VISION)
+            cfg.synthetic.llm.update(BIG_LLM)
+        from mmjax.data.tokenizer import load_tokenizer
+        hf_config = upstream_config(cfg, len(load_tokenizer(cfg.model_path)), cfg.data.template)
+    run = build_run(cfg, workdir=workdir, hf_config=hf_config)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.frozen)))
+    state, step_fn, loader = run.state, run.step_fn, run.loader
 
     def next_batch():
         t = time.perf_counter()
-        host = run_lib.rows_view(next(loader), cfg.data.batch_size)
-        batch = run_lib.to_global(host, mesh, cfg.grad_accum)
+        host = next(loader)
+        batch = run.to_global(host)
         return batch, int(np.sum(host["segment_ids"] > 0)), time.perf_counter() - t
 
     counter = CompileCounter("step")
@@ -137,7 +103,7 @@ def bench_model(name: str, cfg, steps: int, recompile_steps: int, big: bool) -> 
     try:
         batch, _, _ = next_batch()
         t0 = time.perf_counter()
-        state, m = step_fn(state, frozen, rest, batch)
+        state, m = step_fn(state, run.frozen, run.rest, batch)
         jax.block_until_ready((state, m))
         first = time.perf_counter() - t0
         cache_after_first = step_fn._cache_size()
@@ -148,7 +114,7 @@ def bench_model(name: str, cfg, steps: int, recompile_steps: int, big: bool) -> 
         for i in range(steps + recompile_steps):
             batch, real, dt_data = next_batch()
             t0 = time.perf_counter()
-            state, m = step_fn(state, frozen, rest, batch)
+            state, m = step_fn(state, run.frozen, run.rest, batch)
             jax.block_until_ready((state, m))
             dt = time.perf_counter() - t0
             losses.append(float(m["train/loss"]))
@@ -177,6 +143,8 @@ def bench_model(name: str, cfg, steps: int, recompile_steps: int, big: bool) -> 
     return {
         "model": name,
         "params": n_params,
+        "attention": cfg.model.attention,
+        "remat": cfg.model.remat,
         "batch": f"{cfg.data.batch_size}x{cfg.data.pack_max_length}",
         "grad_accum": cfg.grad_accum,
         "timed_steps": len(step_times),
@@ -216,36 +184,27 @@ def main(argv=None):
     big_batch = args.big_batch or (1 if args.quick else 2)
     big_pack = args.big_pack or (256 if args.quick else 512)
 
-    base = tiny_config()
-    if args.quick:
-        with base.unlocked():
-            base.synthetic.num_train = 300
-            base.synthetic.num_eval = 10
-    os.makedirs(args.workdir, exist_ok=True)
-    t = time.perf_counter()
-    run_lib.prepare_synthetic(base, args.workdir)
-    print(f"assets ready in {time.perf_counter() - t:.1f}s under {args.workdir}", flush=True)
-
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in ("tiny", "100m"):
+            raise SystemExit(f"unknown model {name!r}")
         cfg = tiny_config()
         with cfg.unlocked():
-            cfg.synthetic.num_train, cfg.synthetic.num_eval = base.synthetic.num_train, base.synthetic.num_eval
-            cfg.model_path, cfg.data.meta_path = base.model_path, base.data.meta_path
+            cfg.total_steps = 1 + steps + recompile_steps
+            if args.quick:
+                cfg.synthetic.num_train, cfg.synthetic.num_eval = 300, 10
             if name == "100m":
+                cfg.total_steps = 1 + big_steps
                 cfg.data.batch_size = big_batch
                 cfg.data.pack_max_length = big_pack
                 cfg.data.max_tiles_per_pack = max(4, big_pack // 16)
-        run_lib.validate_config(cfg)
         print(f"benchmarking {name} ...", flush=True)
         if name == "tiny":
-            rows.append(bench_model(name, cfg, steps, recompile_steps, big=False))
-        elif name == "100m":
-            rows.append(bench_model(name, cfg, big_steps, 0, big=True))
+            rows.append(bench_model(name, cfg, args.workdir, steps, recompile_steps, big=False))
         else:
-            raise SystemExit(f"unknown model {name!r}")
+            rows.append(bench_model(name, cfg, args.workdir, big_steps, 0, big=True))
 
-    cols = [("model", "{}"), ("params", "{:,}"), ("batch", "{}"), ("steps_per_s", "{:.3f}"),
+    cols = [("model", "{}"), ("params", "{:,}"), ("attention", "{}"), ("batch", "{}"), ("steps_per_s", "{:.3f}"),
             ("tokens_per_s", "{:,.0f}"), ("median_step_s", "{:.3f}"), ("data_ms_per_step", "{:.1f}"),
             ("first_step_s", "{:.1f}"), ("compile_s", "{:.1f}"), ("recompile_check_steps", "{}"),
             ("recompiles_cache", "{}"), ("recompiles_logged", "{}")]

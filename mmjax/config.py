@@ -38,8 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.frozen_param_dtype = "float32"  # storage of frozen weights ("bfloat16" halves their memory)
     c.model.drop_path_rate = 0.0
     c.model.remat = "full"            # none | full | dots | dots_saveable
-    c.model.attention = "blockwise"   # xla | blockwise (memory linear in the packed length)
+    c.model.attention = "blockwise"   # a backend of mmjax.models.attention: xla | blockwise (memory linear in T)
     c.model.attention_block = 512     # blockwise tile; blocks with no visible key are skipped
+    c.model.img_context_token_id = -1  # -1: the tokenizer's <IMG_CONTEXT> (set only to plan without a tokenizer)
 
     c.freeze = ml_collections.ConfigDict()
     c.freeze.backbone = True          # InternViT
@@ -56,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.vit_targets = ("qkv", "proj", "fc1", "fc2")
 
     c.data = default_data_config()
+    c.data.template = ""              # empty: the checkpoint's own (config.json `template`)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 4e-5
@@ -83,7 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every = 1
     c.export = ml_collections.ConfigDict({"hf": True, "dtype": "bfloat16"})
-    c.eval = ml_collections.ConfigDict({"enabled": False, "max_new_tokens": 8, "num_samples": 0})
+    # held-out VQA after training: InternVL JSONL (answer = the gpt turn), images under `root`
+    c.eval = ml_collections.ConfigDict({"enabled": False, "annotation": "", "root": "", "max_new_tokens": 8,
+                                        "num_samples": 0})
     c.peak_flops_per_device = 0.0     # 0 = look up by device kind (unknown: MFU not reported)
     return c
 

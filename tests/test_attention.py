@@ -1,4 +1,5 @@
-"""The ``blockwise`` attention backend equals the ``xla`` one (values and gradients) on packed rows."""
+"""Attention backends on packed rows: ``blockwise`` equals ``xla`` (values and gradients), and no
+registered backend lets a packed sample see another (a leakage check that catches leaky masks)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmjax.models import layers
+from mmjax.models import attention
+from mmjax.models.attention import attention_mask, blockwise_attention, dot_product_attention
 from mmjax.models.decoder import CausalLM
-from mmjax.models.layers import attention_mask, blockwise_attention, dot_product_attention
 from mmjax.models.qwen3 import config_from_hf
 
 B, T, HQ, HKV, D = 3, 45, 4, 2, 8   # T is not a multiple of the block sizes tested
@@ -136,9 +137,9 @@ TINY_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_causal_lm_blockwise_matches_xla(remat, monkeypatch):
-    monkeypatch.setattr(layers, "BLOCKWISE_BLOCK_SIZE", 16)  # several blocks per row inside the model
-    cfg = dataclasses.replace(config_from_hf(TINY_QWEN3), remat=remat)
+def test_causal_lm_blockwise_matches_xla(remat):
+    # attention_block 16: several query and key blocks per row inside the model
+    cfg = dataclasses.replace(config_from_hf(TINY_QWEN3), remat=remat, attention_block=16)
     seg, pos = packed_rows()
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, size=(B, T)), jnp.int32)
 
@@ -172,9 +173,65 @@ def test_blockwise_visits_only_visible_key_blocks():
         for s in np.unique(seg):
             pos[seg == s] = np.arange(np.sum(seg == s))
         seg, pos = jnp.asarray(seg), jnp.asarray(pos)
-        return [tuple(int(x) for x in layers._kv_block_range(seg[:, i:i + 16], pos[:, i:i + 16], seg, pos,
+        return [tuple(int(x) for x in attention._kv_block_range(seg[:, i:i + 16], pos[:, i:i + 16], seg, pos,
                                                               True, 16)) for i in range(0, seg.shape[1], 16)]
 
     assert ranges([1] * 64) == [(0, 1), (0, 2), (0, 3), (0, 4)]
     assert ranges([1] * 16 + [2] * 32 + [3] * 16) == [(0, 1), (1, 2), (1, 3), (3, 4)]
     assert ranges([1] * 24 + [0] * 40) == [(0, 1), (0, 2), (0, 0), (0, 0)]
+
+
+# ---- every registered backend -----------------------------------------------------------------
+
+
+def _attend(name, q, k, v, seg, pos, block=16):
+    backend = attention.get_backend(name)
+    return backend.attend(q, k, v, backend.prepare(seg, pos), scale=SCALE, block=block)
+
+
+@pytest.mark.parametrize("name", sorted(attention.BACKENDS))
+def test_every_backend_matches_xla_on_packed_rows(name):
+    seg, pos = packed_rows()
+    q, k, v, ct = qkv(7)
+    ref = value_and_grads(lambda q, k, v: _attend("xla", q, k, v, seg, pos), q, k, v, ct)
+    got = value_and_grads(lambda q, k, v: _attend(name, q, k, v, seg, pos), q, k, v, ct)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert_close(a, b)
+    assert np.all(np.asarray(got[0])[2] == 0)   # a padding-only row gives zeros
+
+
+def leaks(attend) -> bool:
+    """True when changing the keys / values of one packed sample changes another sample's output
+    (or a later token of the same sample changes an earlier one's)."""
+    seg, pos = packed_rows()
+    q, k, v, _ = qkv(3)
+    base = np.asarray(attend(q, k, v, seg, pos))
+    k2 = k.at[0, 10:30].add(5.0)        # sample 2 of row 0
+    v2 = v.at[0, 10:30].add(5.0)
+    v2 = v2.at[1, 40:].add(5.0)         # the last tokens of row 1's only sample
+    out = np.asarray(attend(q, k2, v2, seg, pos))
+    outside = np.ones(T, bool)
+    outside[10:30] = False
+    return not (np.array_equal(out[0, outside], base[0, outside]) and np.array_equal(out[1, :40], base[1, :40]))
+
+
+def test_leakage_check_catches_a_leaky_mask():
+    def leaky(q, k, v, seg, pos):   # segment-blind causal mask: attends across packed samples
+        t = q.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        return dot_product_attention(q, k, v, jnp.broadcast_to(causal, (q.shape[0], 1, t, t)), scale=SCALE)
+
+    def not_causal(q, k, v, seg, pos):   # segment mask without the causal order
+        return dot_product_attention(q, k, v, attention_mask(seg, None, pos, pos, causal=False), scale=SCALE)
+
+    assert leaks(leaky) and leaks(not_causal)
+
+
+@pytest.mark.parametrize("name", sorted(attention.BACKENDS))
+def test_no_backend_leaks_across_packed_samples(name):
+    assert not leaks(lambda q, k, v, seg, pos: _attend(name, q, k, v, seg, pos))
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match="blockwise"):
+        attention.get_backend("flash9")

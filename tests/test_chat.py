@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import mmjax
-from mmjax.chat import ImageSettings, answer, build_prompt, end_token_id
+from mmjax.chat import answer
+from mmjax.data.prompts import ImageSettings, build_prompt, end_token_id
 from mmjax.data.synthetic import generate_shapes_dataset
 from mmjax.data.tokenizer import load_tokenizer
 
@@ -30,7 +31,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from mmjax.train.tiny import build_tiny_checkpoint
+    from mmjax.data.embedded import build_tiny_checkpoint
     root = tmp_path_factory.mktemp("chat")
     cfg = tiny_cfg()
     paths = generate_shapes_dataset(str(root / "data"), 8, 2, seed=0)

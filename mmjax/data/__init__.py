@@ -7,11 +7,10 @@ Heavy imports are deferred so that ``import mmjax.data`` stays light.
 """
 
 from mmjax.data.config import default_data_config, validate_data_config
-from mmjax.data.samples import (SampleError, SampleSource, SkipBudgetExceeded, build_dataset,
-                                build_sample_source, run_check)
+from mmjax.data.samples import SampleError, SampleSource, SkipBudgetExceeded, build_dataset, run_check
 from mmjax.data.tokenizer import build_qwen_test_tokenizer, ensure_internvl_tokens, load_tokenizer
 
-__all__ = ["build_dataset", "build_sample_source", "build_loader", "default_data_config", "validate_data_config",
+__all__ = ["build_dataset", "build_loader", "default_data_config", "validate_data_config",
            "SampleError", "SampleSource", "SkipBudgetExceeded", "run_check", "build_qwen_test_tokenizer",
            "ensure_internvl_tokens", "load_tokenizer"]
 

@@ -49,6 +49,17 @@ def _tokenizer_for(config):
 _TOKENIZERS = {}
 
 
+def _resolve_template(config) -> str:
+    """An empty data.template means the checkpoint's own, as in training."""
+    from mmjax.data.templates import resolve_template
+    from mmjax.weights.loader import read_config
+    path = config.get("model_path")
+    if not path or not os.path.isdir(path):
+        raise CliError("data.template is empty (the checkpoint's own) but config.model_path names no checkpoint "
+                       "directory: set --config.data.template")
+    return resolve_template(config.data, read_config(path)[0], where=os.path.join(path, "config.json"))
+
+
 def _fmt_table(rows, header):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).rjust(w) if k else str(v).ljust(w) for k, (v, w) in enumerate(zip(r, widths)))
@@ -83,7 +94,7 @@ def _collapse_images(text):
 
 def render_supervised(tokenizer, input_ids, labels, color=False):
     """Decode with supervised spans wrapped in [[...]] (or green)."""
-    from mmjax.data.templates import IGNORE_INDEX
+    from mmjax.data.batch import IGNORE_INDEX
     parts, cur, cur_sup = [], [], None
     for t, l in zip(input_ids.tolist(), labels.tolist()):
         sup = l != IGNORE_INDEX
@@ -145,9 +156,12 @@ def main(argv):
         return 2
     try:
         if config.get("synthetic") is not None and config.synthetic.get("enabled"):
-            # the embedded default generates its data, tokenizer and checkpoint where training does
-            from mmjax.train.run import prepare_synthetic
-            prepare_synthetic(config, _WORKDIR.value or os.path.join("workdirs", config.name))
+            # the embedded default generates what the config does not name, where training does
+            from mmjax.data.embedded import prepare_embedded
+            for note in prepare_embedded(config, _WORKDIR.value or os.path.join("workdirs", config.name)):
+                print(note)
+        if not config.data.template:
+            print(_resolve_template(config))
         if argv[1] == "check":
             return cmd_check(config)
         color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty())

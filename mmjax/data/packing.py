@@ -35,15 +35,15 @@ from typing import Any
 import grain
 import numpy as np
 
-IGNORE_INDEX = -100
+from mmjax.data.batch import COUNT_KEYS, IGNORE_INDEX, ROW_KEYS
+
 LOSS_REDUCTIONS = ("token", "sample", "square")
 PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
     "best_fit": grain.experimental.BestFitPackIterDataset,
 }
 _TOKEN_KEYS = ("input_ids", "labels", "loss_weights")
-ROW_KEYS = ("input_ids", "labels", "segment_ids", "positions", "loss_weights", "pixel_values",
-            "image_flags", "num_samples", "num_real_tokens", "num_supervised_tokens")
+BATCH_KEYS = ROW_KEYS + COUNT_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,10 @@ def _row(ids, labels, segs, pos, weights, tiles, max_tiles, image_shape) -> dict
 
 
 def collate(rows: list[dict], *, batch_size: int, empty: dict) -> dict[str, Any]:
-    """Stacks rows into a batch; pads a short batch with ``empty`` rows; flattens tiles.
-
-    ``pixel_values`` becomes (B * K, H, W, 3) and ``image_flags`` (B * K,): row b's tiles are
-    entries [b*K, (b+1)*K), so a data-parallel split of the leading axis keeps rows and tiles together.
-    """
+    """Stacks rows into a batch (the layout of ``mmjax.data.batch``); pads a short batch with
+    ``empty`` rows. Tiles are concatenated: ``pixel_values`` (B * K, H, W, 3), ``image_flags`` (B * K,)."""
     rows = list(rows) + [empty] * (batch_size - len(rows))
-    batch = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+    batch = {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
     batch["pixel_values"] = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:])
     batch["image_flags"] = batch["image_flags"].reshape(-1)
     return batch

@@ -21,6 +21,7 @@ from absl import logging
 
 from mmjax.data import images as img_lib
 from mmjax.data import templates as tpl
+from mmjax.data.batch import IGNORE_INDEX
 from mmjax.data.config import validate_data_config
 from mmjax.data.sources import load_sources
 
@@ -123,7 +124,7 @@ class SampleBuilder:
             input_ids, labels = input_ids[:cut], labels[:cut]
             kept = int(np.sum(ends < cut))
             pixel_chunks, tiles = pixel_chunks[:kept], tiles[:kept]
-        n_sup = int(np.sum(labels != tpl.IGNORE_INDEX))
+        n_sup = int(np.sum(labels != IGNORE_INDEX))
         if n_sup == 0:
             if truncated:
                 raise SampleError(f"too long after truncation: no supervised token within max_length={max_len}")
@@ -247,10 +248,6 @@ def _reason_key(reason):
     """Group reasons for the summary: the text before the first ':' or digit-laden detail."""
     key = reason.split(":")[0]
     return " ".join(w for w in key.split() if not any(ch.isdigit() for ch in w)) or key
-
-
-def build_sample_source(cfg, tokenizer, mode="train"):
-    return SampleSource(cfg, tokenizer, mode=mode)
 
 
 def build_dataset(cfg, tokenizer, mode="train"):

@@ -27,7 +27,8 @@ import dataclasses
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from mmjax.data.batch import IGNORE_INDEX
+
 IMAGE_PLACEHOLDER = "<image>"
 
 INTERNLM2_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
@@ -67,6 +68,24 @@ def get_template(name):
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; choose from {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def resolve_template(data_cfg, checkpoint_config: dict | None, where: str = "the checkpoint") -> str:
+    """Fill an empty ``data.template`` with the checkpoint's own (``template`` in an InternVL-Chat
+    config.json), in place; returns a line saying where the template came from. An explicit
+    ``data.template`` always wins."""
+    if data_cfg.template:
+        return f"template: {data_cfg.template} (data.template)"
+    name = (checkpoint_config or {}).get("template")
+    if not name:
+        raise ValueError(f"data.template is empty and {where} names no chat template: set data.template "
+                         f"to one of {sorted(TEMPLATES)}")
+    if name not in TEMPLATES:
+        raise ValueError(f"{where} names the chat template {name!r}, which mmjax does not have; set "
+                         f"data.template to one of {sorted(TEMPLATES)}")
+    with data_cfg.unlocked():
+        data_cfg.template = name
+    return f"template: {name} (from {where})"
 
 
 @dataclasses.dataclass

@@ -19,18 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, PackedSegments, RMSNorm, RopeConfig,
-                                 apply_rope, blockwise_attention, cache_write, dot_product_attention,
+from mmjax.models import attention as attn_lib
+from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, apply_rope, cache_write,
                                  init_kv_cache, normal_init, param, positions_from_mask, rope_cos_sin,
                                  scan_layers, stacked)
-from mmjax.models.layers import attention_mask as make_attention_mask
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
-# xla: dense float32 (B, H, T, S) scores (layers.dot_product_attention); blockwise: exact tiled
-# attention with an online softmax, O(T * block) memory (layers.blockwise_attention). The KV-cache
-# path (prefill / decode in generation) always uses xla: its queries are few or its rows short.
-ATTENTION_BACKENDS = ("xla", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +48,7 @@ class DecoderConfig:
     qk_norm: bool = False            # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     tie_word_embeddings: bool = False
     remat: str = "none"              # a name in layers.REMAT_POLICIES
-    attention: str = "xla"           # attention backend
+    attention: str = "xla"           # a backend name in attention.BACKENDS (full forward; the KV cache uses xla)
     attention_block: int = 512       # blockwise backend tile (query and key); ~ the typical packed sample
     init_std: float = 0.02
 
@@ -62,8 +57,7 @@ class DecoderConfig:
             raise ValueError(f"qkv_layout {self.qkv_layout!r} not in {QKV_LAYOUTS}")
         if self.mlp_layout not in MLP_LAYOUTS:
             raise ValueError(f"mlp_layout {self.mlp_layout!r} not in {MLP_LAYOUTS}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend {self.attention!r} not in {ATTENTION_BACKENDS}")
+        attn_lib.get_backend(self.attention)   # raises naming the registered backends
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if self.num_heads % self.num_kv_heads:
@@ -110,26 +104,22 @@ class Attention(nnx.Module):
             q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
         return q.reshape(b, t, hq, d), k.reshape(b, t, hkv, d), v.reshape(b, t, hkv, d)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """``mask``: a dense (B, 1, T, S) boolean mask (xla backend, and every KV-cache call) or the
-        :class:`PackedSegments` of the rows (blockwise backend, full forward without a cache)."""
+    def __call__(self, x, cos, sin, prepared, kv=None, index=None):
+        """``prepared``: the backend's per-forward object (``attention.Backend.prepare``) for a full
+        forward pass, or, with a KV cache (``kv``), the dense (B, 1, T, S) mask over the cache."""
         q, k, v = self.qkv(x)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = self.cfg.head_dim ** -0.5
         if kv is not None:
             k = cache_write(kv[0], k, index)
             v = cache_write(kv[1], v, index)
             kv = (k, v)
-        if isinstance(mask, PackedSegments):
-            assert kv is None, "the blockwise backend has no KV-cache path"
-            out = blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask.segment_ids, None,
-                                      mask.positions, mask.positions, causal=True,
-                                      scale=self.cfg.head_dim ** -0.5, block_q=self.cfg.attention_block,
-                                      block_kv=self.cfg.attention_block)
+            out = attn_lib.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), prepared, scale=scale)
         else:
-            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                        scale=self.cfg.head_dim ** -0.5)
+            out = attn_lib.get_backend(self.cfg.attention).attend(q, k.astype(q.dtype), v.astype(q.dtype), prepared,
+                                                                 scale=scale, block=self.cfg.attention_block)
         b, t = out.shape[:2]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
@@ -206,10 +196,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(cfg.rope, positions, segment_ids)
         x = embeds.astype(self.dtype)
         if cache is None:
-            if cfg.attention == "blockwise":  # the mask is built tile by tile inside the kernel
-                mask = PackedSegments(segment_ids, positions)
-            else:
-                mask = make_attention_mask(segment_ids, None, positions, positions, causal=True)
+            mask = attn_lib.get_backend(cfg.attention).prepare(segment_ids, positions)
 
             def body(layer, h, _):
                 h, _ = layer(h, cos, sin, mask)
@@ -221,7 +208,7 @@ class CausalLM(nnx.Module):
         index = cache.index  # KV-cache path: always the xla backend (dense mask over the cache)
         kv_seg = cache_write(cache.segment_ids, segment_ids, index)
         kv_pos = cache_write(cache.positions, positions, index)
-        mask = make_attention_mask(segment_ids, kv_seg, positions, kv_pos, causal=True)
+        mask = attn_lib.attention_mask(segment_ids, kv_seg, positions, kv_pos, causal=True)
 
         def body_cached(layer, h, kv):
             h, kv = layer(h, cos, sin, mask, kv, index)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.models.layers import (Dense, LayerNorm, RMSNorm, dot_product_attention, gelu_exact, param,
-                                 scan_layers, stacked)
+from mmjax.models.attention import dot_product_attention
+from mmjax.models.layers import Dense, LayerNorm, RMSNorm, gelu_exact, param, scan_layers, stacked
 from mmjax.weights.rules import TensorRule
 
 Dtype = Any
@@ -87,59 +87,49 @@ def _pair(v) -> int:
     return int(v)
 
 
-def config_from_upstream(vc: dict, **overrides) -> InternViTConfig:
-    """From an upstream ``intern_vit_6b`` vision_config (InternViT-300M and -6B alike).
+# InternViTConfig field <- (key, default) in an upstream ``intern_vit_6b`` vision_config, and in a
+# transformers ``internvl_vision`` one. Upstream defaults are ``InternVisionConfig``'s class
+# defaults (6B-style: rms_norm, qk_normalization, no qkv bias), which the upstream code applies to
+# configs that do not spell them out; transformers' are ``InternVLVisionConfig``'s.
+_CONFIG_KEYS = {
+    "hidden_size": (("hidden_size", 3200), ("hidden_size", 1024)),
+    "num_layers": (("num_hidden_layers", 48), ("num_hidden_layers", 24)),
+    "num_heads": (("num_attention_heads", 25), ("num_attention_heads", 16)),
+    "intermediate_size": (("intermediate_size", 12800), ("intermediate_size", 4096)),
+    "image_size": (("image_size", 224), ("image_size", 448)),
+    "patch_size": (("patch_size", 14), ("patch_size", 14)),
+    "num_channels": (("num_channels", 3), ("num_channels", 3)),
+    "norm_type": (("norm_type", "rms_norm"), ("norm_type", "layer_norm")),
+    "eps": (("layer_norm_eps", 1e-6), ("layer_norm_eps", 1e-6)),
+    "qkv_bias": (("qkv_bias", False), ("attention_bias", False)),
+    "qk_normalization": (("qk_normalization", True), ("use_qk_norm", False)),
+    "layer_scale_init": (("initializer_factor", 0.1), ("layer_scale_init_value", 0.1)),
+    "drop_path_rate": (("drop_path_rate", 0.0), ("drop_path_rate", 0.0)),
+    "hidden_act": (("hidden_act", "gelu"), ("hidden_act", "gelu")),
+}
 
-    Missing keys take ``InternVisionConfig``'s class defaults (6B-style: rms_norm, qk_normalization,
-    no qkv bias), which is what the upstream code does for configs that do not spell them out.
-    """
-    kw = dict(
-        hidden_size=vc.get("hidden_size", 3200),
-        num_layers=vc.get("num_hidden_layers", 48),
-        num_heads=vc.get("num_attention_heads", 25),
-        intermediate_size=vc.get("intermediate_size", 12800),
-        image_size=_pair(vc.get("image_size", 224)),
-        patch_size=_pair(vc.get("patch_size", 14)),
-        num_channels=vc.get("num_channels", 3),
-        norm_type=vc.get("norm_type", "rms_norm"),
-        eps=vc.get("layer_norm_eps", 1e-6),
-        qkv_bias=vc.get("qkv_bias", False),
-        qk_normalization=vc.get("qk_normalization", True),
-        qkv_layout="fused",
-        layer_scale_init=vc.get("initializer_factor", 0.1),
-        drop_path_rate=vc.get("drop_path_rate", 0.0),
-        hidden_act=vc.get("hidden_act", "gelu"),
-    )
+
+def _read_config(vc: dict, which: int, qkv_layout: str, overrides: dict) -> InternViTConfig:
+    kw = {field: vc.get(*keys[which]) for field, keys in _CONFIG_KEYS.items()}
+    kw["image_size"], kw["patch_size"] = _pair(kw["image_size"]), _pair(kw["patch_size"])
+    kw["qkv_layout"] = qkv_layout
     kw.update(overrides)
     return InternViTConfig(**kw)
 
 
+def config_from_upstream(vc: dict, **overrides) -> InternViTConfig:
+    """From an upstream ``intern_vit_6b`` vision_config (InternViT-300M and -6B alike; fused qkv)."""
+    return _read_config(vc, 0, "fused", overrides)
+
+
 def config_from_hf(vc: dict, **overrides) -> InternViTConfig:
-    """From a transformers ``InternVLVisionConfig`` dict (``model_type: internvl_vision``)."""
+    """From a transformers ``InternVLVisionConfig`` dict (``model_type: internvl_vision``; separate q/k/v)."""
     if not vc.get("use_absolute_position_embeddings", True) or vc.get("use_mask_token", False):
         raise ValueError("InternViT needs absolute position embeddings and no mask token")
     if not vc.get("use_mean_pooling", True):
         # use_mean_pooling=False adds a final LayerNorm that InternVL checkpoints never carry.
         raise ValueError("use_mean_pooling=False (final vision layernorm) is not supported")
-    kw = dict(
-        hidden_size=vc.get("hidden_size", 1024),
-        num_layers=vc.get("num_hidden_layers", 24),
-        num_heads=vc.get("num_attention_heads", 16),
-        intermediate_size=vc.get("intermediate_size", 4096),
-        image_size=_pair(vc.get("image_size", 448)),
-        patch_size=_pair(vc.get("patch_size", 14)),
-        num_channels=vc.get("num_channels", 3),
-        norm_type=vc.get("norm_type", "layer_norm"),
-        eps=vc.get("layer_norm_eps", 1e-6),
-        qkv_bias=vc.get("attention_bias", False),
-        qk_normalization=vc.get("use_qk_norm", False),
-        qkv_layout="separate",
-        layer_scale_init=vc.get("layer_scale_init_value", 0.1),
-        drop_path_rate=vc.get("drop_path_rate", 0.0),
-        hidden_act=vc.get("hidden_act", "gelu"),
-    )
-    kw.update(overrides)
-    return InternViTConfig(**kw)
+    return _read_config(vc, 1, "separate", overrides)
 
 
 # --------------------------------------------------------------------------------------------

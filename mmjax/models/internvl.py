@@ -120,14 +120,6 @@ class InternVLConfig:
         raise ValueError(f"not an InternVL config (model_type {mt!r}; expected internvl_chat or internvl)")
 
 
-def config_from_upstream(config: dict, img_context_token_id: int | None = None, **overrides) -> InternVLConfig:
-    return InternVLConfig.from_internvl_chat(config, img_context_token_id, **overrides)
-
-
-def config_from_hf(config: dict, **overrides) -> InternVLConfig:
-    return InternVLConfig.from_hf_internvl(config, **overrides)
-
-
 def canonical_hf_key(key: str) -> str:
     """transformers InternVL tensor names -> the canonical ones of :meth:`InternVL.weight_rules`
     (older / ``save_pretrained``-reverted spellings: ``language_model.model.*``,

@@ -16,7 +16,8 @@ def main(argv):
     from absl import logging
 
     from mmjax.data.samples import SkipBudgetExceeded
-    from mmjax.train.run import ConfigError, train
+    from mmjax.train.run import train
+    from mmjax.train.setup import ConfigError
     from mmjax.weights import CheckpointError
 
     if not flags.FLAGS["verbosity"].present:

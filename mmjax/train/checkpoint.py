@@ -64,9 +64,6 @@ class RunCheckpointer:
         state = jax.tree_util.tree_unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in leaves])
         return state, out["data"], out["config"]
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()

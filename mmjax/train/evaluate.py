@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mmjax.chat import build_prompt, end_token_id, settings_for
+from mmjax.data.prompts import build_prompt, end_token_id, settings_for
 
 
 def _normalize(text: str) -> str:

@@ -3,8 +3,8 @@ from step to step.
 
 The model is split once into ``graphdef`` (static structure), ``trainable`` params, ``frozen``
 params and the rest. Only ``trainable`` enters ``jax.grad`` and the optimizer, so frozen
-parameters have no gradients and no optimizer state. LoRA adapters (a later issue) are simply
-more trainable parameters.
+parameters have no gradients and no optimizer state. LoRA adapters (``nnx.LoRAParam``) are
+always trainable.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ def path_str(path) -> str:
 
 def effective_freeze(cfg):
     """The freeze flags after LoRA: as in peft, a module that carries adapters trains only its
-    adapters, so a LoRA rank on the LLM (ViT) freezes the LLM (ViT) base weights."""
+    adapters, so a LoRA rank on the LLM (ViT) freezes the LLM (ViT) base weights. As upstream,
+    ``unfreeze_vit_layers`` still trains the base weights of ViT layers ``[k:]`` next to the ViT
+    adapters (upstream wraps the backbone with LoRA, then re-enables those layers' weights)."""
+    import ml_collections
     f = cfg.freeze.to_dict() if hasattr(cfg.freeze, "to_dict") else dict(cfg.freeze)
     if cfg.lora.llm_rank:
         f["llm"] = True
     if cfg.lora.vit_rank:
         f["backbone"] = True
-        f["unfreeze_vit_layers"] = 0
-    import ml_collections
     return ml_collections.ConfigDict(f)
 
 
@@ -61,26 +62,30 @@ def trainable_filter(freeze, has_vision: bool) -> Callable[[tuple, Any], bool]:
 
 
 def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool):
-    """Per-leaf multiplier (or None) zeroing the updates of ViT layers that stay frozen when only
-    the layers ``[unfreeze_vit_layers:]`` of a frozen backbone train. The frozen layers of that one
-    stacked array keep (zero) optimizer state: the price of scanning the ViT as one stack."""
+    """Per-leaf multiplier (or None) zeroing the updates of ViT base weights that stay frozen when
+    only the layers ``[unfreeze_vit_layers:]`` of a frozen backbone train. The frozen layers of that
+    one stacked array keep (zero) optimizer state: the price of scanning the ViT as one stack.
+    LoRA adapters are never masked: they train in every layer they were added to."""
     k = int(freeze.get("unfreeze_vit_layers", 0) or 0)
     if not (has_vision and freeze.backbone and k):
         return None
 
     def m(path, x):
-        if len(path) > 1 and str(path[0].key if hasattr(path[0], "key") else path[0]) == "vision_model":
-            keys = [str(getattr(p, "key", p)) for p in path]
-            if keys[1] == "layers":
-                n = x.shape[0]
-                # upstream slices encoder.layers[k:]: k = -2 trains the last two, k = 20 layers 20..
-                first = k if k >= 0 else n + k
-                first = max(0, min(n, first))
-                mask = (np.arange(n) >= first).astype(np.float32)
-                return jnp.asarray(mask).reshape((n,) + (1,) * (x.ndim - 1))
+        keys = [str(p.key) for p in path if hasattr(p, "key")]   # dict keys (the Variable's .value dropped)
+        if len(keys) > 2 and keys[0] == "vision_model" and keys[1] == "layers" and keys[-1] not in LORA_LEAVES:
+            n = x.shape[0]
+            # upstream slices encoder.layers[k:]: k = -2 trains the last two, k = 20 layers 20..
+            first = k if k >= 0 else n + k
+            first = max(0, min(n, first))
+            mask = (np.arange(n) >= first).astype(np.float32)
+            return jnp.asarray(mask).reshape((n,) + (1,) * (x.ndim - 1))
         return None
 
     return jax.tree_util.tree_map_with_path(m, trainable)
+
+
+# names of LoRA factor leaves (mmjax.models.lora): trainable wherever they are
+LORA_LEAVES = ("lora_a", "lora_b")
 
 
 @flax.struct.dataclass

@@ -12,11 +12,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mmjax.data.batch import ROW_KEYS
 from mmjax.train import loss as loss_lib
 from mmjax.train.state import TrainState
-
-# keys of a loader batch that have one row per packed row (split into micro-batches along axis 0)
-ROW_KEYS = ("input_ids", "labels", "segment_ids", "positions", "loss_weights", "pixel_values", "image_flags")
 
 
 def language_model(model):
@@ -30,11 +28,9 @@ def model_hidden(model, batch: dict, rng: jax.Array | None, train: bool):
     if lm is model:
         embeds = lm.embed(batch["input_ids"])
         mismatch = jnp.zeros((), bool)
-    else:
-        pv = batch["pixel_values"]
-        pv = pv.reshape((-1,) + pv.shape[-3:])          # rows x tiles-per-row -> tiles, in row order
+    else:   # tiles in the batch layout of mmjax.data.batch: (rows * tiles per row, H, W, 3)
         embeds, mismatch = model.embed_multimodal(
-            batch["input_ids"], pv, batch["image_flags"].reshape(-1),
+            batch["input_ids"], batch["pixel_values"], batch["image_flags"],
             deterministic=not train, rngs=rng if train else None, check=False)
     hidden, _ = lm.decode_embeds(embeds, batch["segment_ids"], batch["positions"])
     return hidden, mismatch
@@ -50,18 +46,26 @@ def micro_loss(model, micro: dict, rng, chunk_size: int, train: bool = True):
 
 
 def split_micro(batch: dict, grad_accum: int) -> dict:
-    """(B, ...) -> (grad_accum, B / grad_accum, ...) for every per-row key (tiles: per-row too)."""
+    """Every ``ROW_KEYS`` array (B rows, or B * K tiles) -> (grad_accum, its share, ...).
+
+    Micro-batch m takes the rows m, m + grad_accum, m + 2 * grad_accum, ... (with their tiles):
+    rows are sharded over devices in contiguous blocks, so each device holds an equal part of
+    every micro-batch and the split needs no communication."""
+    rows = batch["input_ids"].shape[0]
     out = {}
     for k, v in batch.items():
         if k in ROW_KEYS:
-            out[k] = v.reshape((grad_accum, v.shape[0] // grad_accum) + v.shape[1:])
+            per_row = v.shape[0] // rows
+            x = v.reshape((rows // grad_accum, grad_accum, per_row) + v.shape[1:])
+            x = jnp.moveaxis(x, 1, 0)
+            out[k] = x.reshape((grad_accum, rows // grad_accum * per_row) + v.shape[1:])
     return out
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     grad_accum: int, chunk_size: int, update_mask=None, lora_dropout: bool = False) -> Callable:
-    """``step(state, frozen, rest, batch) -> (state, metrics)``; batch rows are packed rows
-    (pixel_values per row: (B, tiles_per_row, H, W, 3))."""
+    """``step(state, frozen, rest, batch) -> (state, metrics)`` on a batch in the layout of
+    ``mmjax.data.batch``."""
 
     def step(state: TrainState, frozen, rest, batch):
         micro = split_micro(batch, grad_accum)

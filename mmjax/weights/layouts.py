@@ -219,52 +219,28 @@ def image_token_id(directory: str | None, config: dict) -> int | None:
     return None
 
 
-def _dtype(d):
-    import jax.numpy as jnp
-    if d is None:
-        return None
-    if isinstance(d, str):
-        try:
-            return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-                    "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[d.lower()]
-        except KeyError:
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {d!r}") from None
-    return d
-
-
-def model_factory(layout: str, config: dict, directory: str | None = None, **overrides):
+def model_factory(layout: str, config: dict, directory: str | None = None, options=None, **overrides):
     """``make(dtype, param_dtype, rngs) -> module`` for a layout and its config.json dict.
 
-    ``overrides`` replace fields of the model config (``DecoderConfig`` / ``InternVLConfig``);
-    the training knobs ``drop_path_rate`` (ViT), ``remat`` (every stack) and ``attention`` (the
-    decoder's backend) reach the nested configs they belong to."""
-    drop_path = overrides.pop("drop_path_rate", None)
-    remat = overrides.pop("remat", None)
-    attention = {k: overrides.pop(k) for k in ("attention", "attention_block") if k in overrides}
+    ``options`` (:class:`mmjax.models.options.ModelOptions`) carries the run-time choices (remat,
+    attention backend and block, ViT drop path, ``<IMG_CONTEXT>`` id) to the nested configs they
+    belong to; ``overrides`` replace other fields of the top-level model config."""
+    from mmjax.models.options import ModelOptions
+    options = options or ModelOptions()
     if layout == "causal_lm":
         from mmjax.models.decoder import CausalLM
-        if remat is not None:
-            overrides["remat"] = remat
-        overrides.update(attention)
-        cfg = _text_family(config, context=None).config_from_hf(config, **overrides)
+        cfg = options.apply_text(_text_family(config, context=None).config_from_hf(config, **overrides))
         return lambda dtype, param_dtype, rngs: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     from mmjax.models import internvl
-    tok = image_token_id(directory, config)
+    tok = options.img_context_token_id
+    tok = image_token_id(directory, config) if tok is None else tok
     if layout == "internvl_chat":
         cfg = internvl.InternVLConfig.from_internvl_chat(config, image_token_id=tok, **overrides)
     elif layout == "internvl_hf":
         cfg = internvl.InternVLConfig.from_hf_internvl(config, image_token_id=tok, **overrides)
     else:
         raise ValueError(f"unknown layout {layout!r}")
-    vision, text = cfg.vision, cfg.text
-    if drop_path is not None:
-        vision = dataclasses.replace(vision, drop_path_rate=float(drop_path))
-    if remat is not None:
-        vision = dataclasses.replace(vision, remat=remat)
-        text = dataclasses.replace(text, remat=remat)
-    if attention:   # the decoder's backend; ViT tiles are short and stay on plain XLA
-        text = dataclasses.replace(text, **attention)
-    cfg = dataclasses.replace(cfg, vision=vision, text=text)
+    cfg = dataclasses.replace(cfg, vision=options.apply_vision(cfg.vision), text=options.apply_text(cfg.text))
     return lambda dtype, param_dtype, rngs: internvl.InternVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -284,12 +260,13 @@ def abstract_model(make):
 
 
 def build_abstract(layout: str, config: dict, dtype="float32", param_dtype=None, directory: str | None = None,
-                   **overrides):
+                   options=None, **overrides):
     """The model of ``layout`` / ``config`` with abstract parameters (see :func:`abstract_model`)."""
     from flax import nnx
-    dtype = _dtype(dtype)
-    param_dtype = _dtype(param_dtype) or dtype
-    make = model_factory(layout, config, directory, **overrides)
+    from mmjax.dtypes import model_dtype
+    dtype = model_dtype(dtype)
+    param_dtype = model_dtype(param_dtype, "param_dtype") or dtype
+    make = model_factory(layout, config, directory, options, **overrides)
     return abstract_model(lambda: make(dtype, param_dtype, nnx.Rngs(0)))
 
 

@@ -6,8 +6,8 @@ shapes from the headers alone, then read -> convert (``rules.to_mmjax``) -> cast
 at a time. A stacked parameter (leading ``layers`` axis) fills a preallocated host buffer slice by
 slice and is placed once it is complete, then freed; at no point is the checkpoint held twice.
 
-Placement goes through ``sharding_fn(path, shape, dtype) -> jax.sharding.Sharding | None`` when given
-(the trainer passes one built from the logical axes and the mesh), else the default device.
+Placement goes through ``sharding_fn(path, shape, dtype) -> jax.sharding.Sharding | None`` when given,
+else the default device (the trainer places the loaded parameters on its mesh afterwards).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from typing import Callable
 
 import numpy as np
 
+from mmjax.dtypes import model_dtype
 from mmjax.weights import layouts
 from mmjax.weights.rules import to_mmjax
 from mmjax.weights.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError, ShardedReader
-
-SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
 def _hf_shape(rule, mm_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -173,7 +172,7 @@ def make_record(directory: str, layout: str, config_text: str, reader: ShardedRe
         file_metadata=tuple((f, json.dumps(h.metadata)) for f, h in reader.headers.items()))
 
 
-def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, *,
+def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, *, options=None,
                     sharding_fn: Callable | None = None, **config_overrides):
     """Load an HF checkpoint directory as an mmjax model.
 
@@ -181,9 +180,11 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
       path: directory with ``config.json`` and ``model.safetensors`` (or shards + index).
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``.
       param_dtype: parameter dtype; defaults to ``dtype``.
+      options: a :class:`mmjax.models.options.ModelOptions` (remat, attention backend and block,
+        ViT drop path, ``img_context_token_id`` for a directory with no tokenizer naming
+        ``<IMG_CONTEXT>``); its fields may also be passed as keywords (``remat="full"``).
       sharding_fn: optional ``(param_path, shape, dtype) -> Sharding`` used to place each parameter.
-      **config_overrides: fields of the model config to replace (e.g. ``remat=...``; for InternVL,
-        ``img_context_token_id=`` when the directory has no tokenizer naming ``<IMG_CONTEXT>``).
+      **config_overrides: other fields of the model config to replace.
 
     The ``<IMG_CONTEXT>`` id of the InternVL layouts comes from ``image_token_id`` in a transformers
     config, else from the directory's tokenizer files (added_tokens.json, tokenizer_config.json
@@ -193,15 +194,16 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     Returns the model (an ``nnx.Module``) with a :class:`~mmjax.weights.layouts.SourceRecord` in its
     ``hf_source`` attribute. Raises :class:`CheckpointError` for bad input.
     """
-    for d in (dtype, param_dtype):
-        if d is not None and (not isinstance(d, str) or d not in SUPPORTED_DTYPES):
-            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {d!r}")
+    model_dtype(dtype)
+    model_dtype(param_dtype, "param_dtype")
     path = check_directory(path)
     config, text = read_config(path)
     layout = layouts.detect_layout(config)
     reader = ShardedReader(path)
+    from mmjax.models.options import ModelOptions
+    options, config_overrides = ModelOptions.from_kwargs(options, config_overrides)
     model = layouts.build_abstract(layout, config, dtype=dtype, param_dtype=param_dtype or dtype,
-                                   directory=path, **config_overrides)
+                                   directory=path, options=options, **config_overrides)
     load_into(model, reader, sharding_fn=sharding_fn, layout=layout)
     layouts.attach_record(model, make_record(path, layout, text, reader))
     return model

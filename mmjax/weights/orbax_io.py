@@ -89,8 +89,10 @@ def load_params(ckpt_dir, dtype: str = "float32", param_dtype: str | None = None
     record, side = read_sidecar(ckpt_dir)
     saved = side.get("param_dtype")
     param_dtype = param_dtype or saved or dtype
+    from mmjax.models.options import ModelOptions
+    options, config_overrides = ModelOptions.from_kwargs(None, config_overrides)
     model = layouts.build_abstract(record.layout, record.config, dtype=dtype, param_dtype=param_dtype,
-                                   directory=record.source_dir, **config_overrides)
+                                   directory=record.source_dir, options=options, **config_overrides)
     state, flat = _flat_params(model)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

@@ -33,20 +33,21 @@ class TensorRule:
         return dataclasses.replace(self, hf_key=key_prefix + self.hf_key, path=tuple(path_prefix) + self.path)
 
 
+# (HF -> mmjax, mmjax -> HF) axis orders per transform (None: reversed, i.e. ``.T``): linear
+# kernels are HF (out, in) vs mmjax (in, out); convs are OIHW in HF, HWIO in mmjax
+_PERMUTATIONS = {"linear": (None, None), "conv": ((2, 3, 1, 0), (3, 2, 0, 1))}
+
+
 def to_mmjax(rule: TensorRule, hf_tensor: np.ndarray) -> np.ndarray:
-    if rule.transform == "linear":
-        return np.ascontiguousarray(hf_tensor.T)
-    if rule.transform == "conv":
-        return np.ascontiguousarray(hf_tensor.transpose(2, 3, 1, 0))
-    return hf_tensor
+    if rule.transform not in _PERMUTATIONS:
+        return hf_tensor
+    return np.ascontiguousarray(hf_tensor.transpose(_PERMUTATIONS[rule.transform][0]))
 
 
 def to_hf(rule: TensorRule, mm_tensor: np.ndarray) -> np.ndarray:
-    if rule.transform == "linear":
-        return np.ascontiguousarray(mm_tensor.T)
-    if rule.transform == "conv":
-        return np.ascontiguousarray(mm_tensor.transpose(3, 2, 0, 1))
-    return mm_tensor
+    if rule.transform not in _PERMUTATIONS:
+        return mm_tensor
+    return np.ascontiguousarray(mm_tensor.transpose(_PERMUTATIONS[rule.transform][1]))
 
 
 def expand(rules: Iterable[TensorRule], num_layers: dict[tuple[str, ...], int] | int) -> list[tuple[str, TensorRule, int | None]]:

@@ -1,0 +1,323 @@
+"""Segment-aware attention for packed rows, and the one registry of attention backends.
+
+A packed row carries ``segment_ids`` (0 = padding) and ``positions`` (restarting per sample): a
+query sees a key when both share a non-zero segment id and, causally, the key's position is not
+after the query's. Every backend computes exactly that; they differ in memory and speed:
+
+- ``xla``: dense float32 ``(B, H, T, S)`` scores under a boolean mask (the reference; also the
+  KV-cache path of generation, whose queries are few or whose rows are short).
+- ``blockwise``: exact tiled attention with an online softmax and a recomputing backward pass,
+  ``O(T * block)`` memory, key blocks without a visible key skipped.
+
+A backend is a :class:`Backend` in :data:`BACKENDS`: ``prepare(segment_ids, positions)`` builds
+what the layers share (once per forward pass, outside the layer scan) and ``attend(q, k, v,
+prepared, scale=, block=)`` runs one layer's attention. Backends for accelerator kernels register
+here too, so the model code never names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                   q_positions: jax.Array | None, kv_positions: jax.Array | None,
+                   causal: bool) -> jax.Array | None:
+    """Boolean mask (B, 1, Tq, Tk): same non-zero segment, and (if causal) kv position <= q position.
+
+    Segment id 0 marks padding (and empty KV-cache slots); positions restart per packed sample,
+    so comparing positions inside one segment is the causal order.
+    """
+    mask = None
+    if q_segment_ids is not None:
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = (q_segment_ids[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    if causal:
+        assert q_positions is not None and kv_positions is not None
+        c = kv_positions[:, None, :] <= q_positions[:, :, None]
+        mask = c if mask is None else mask & c
+    return None if mask is None else mask[:, None]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          scale: float | None = None) -> jax.Array:
+    """Plain XLA attention with grouped KV heads. q: (B,T,Hq,D), k/v: (B,S,Hkv,D) -> (B,T,Hq,D).
+
+    Scores and softmax in float32. Rows with no visible key (padding) produce zeros, not NaN.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, hkv, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        m = mask[:, :, None]  # (B,1,1,T,S)
+        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        probs = jnp.where(m, probs, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, hq, d)
+
+
+# ---- memory-efficient exact attention ("blockwise" backend) ----------------------------------------
+
+BLOCKWISE_BLOCK_SIZE = 512
+_MASKED_SCORE = -1e30  # finite "minus infinity" for masked float32 scores (no inf - inf = NaN)
+
+
+class PackedSegments(NamedTuple):
+    """Segment ids (0 = padding) and per-sample positions of a packed batch, (B, T) each.
+
+    Handed to the decoder's attention instead of a dense mask when the backend builds the mask
+    itself, block by block (``blockwise``); queries and keys share them (no KV cache)."""
+
+    segment_ids: jax.Array
+    positions: jax.Array
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                        q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None, *,
+                        causal: bool = True, scale: float | None = None,
+                        block_q: int | None = None, block_kv: int | None = None) -> jax.Array:
+    """Exact attention over (query block x key block) tiles with an online softmax in float32.
+
+    Same semantics as ``dot_product_attention(q, k, v, attention_mask(q_segment_ids, kv_segment_ids,
+    q_positions, kv_positions, causal), scale)``: q (B,T,Hq,D), k/v (B,S,Hkv,D) with Hq a multiple of
+    Hkv (grouped KV heads), a key is visible when it has the query's non-zero segment id and (if
+    causal) ``kv_position <= q_position``; queries with no visible key (padding) give zeros.
+    ``q_segment_ids=None`` means no segment mask; ``kv_segment_ids=None`` reuses the query's;
+    positions default to ``arange``.
+
+    Memory is O(B * H * T * block) instead of O(B * H * T * S): the forward keeps a running max,
+    running sum and float32 accumulator per query block, and a ``jax.custom_vjp`` backward recomputes
+    the scores tile by tile from the saved log-sum-exp (flash-attention style: nothing of size T x S
+    is stored for the backward). Per query block only the contiguous range of key blocks that holds a
+    visible key is visited (causal upper-triangle blocks and blocks of other packed samples are
+    skipped); T and S need not be multiples of the block sizes (padded internally). Block sizes
+    default to the module's ``BLOCKWISE_BLOCK_SIZE`` (read at call time) and shrink to T / S when
+    those are shorter.
+    """
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads not a multiple of {hkv} kv heads")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k {k.shape} and v {v.shape} disagree")
+    scale = d ** -0.5 if scale is None else float(scale)
+    if q_segment_ids is None:
+        q_seg, kv_seg = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
+    else:
+        q_seg = q_segment_ids
+        kv_seg = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_positions is None else q_positions
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if kv_positions is None else kv_positions
+    block_q = BLOCKWISE_BLOCK_SIZE if block_q is None else block_q
+    block_kv = BLOCKWISE_BLOCK_SIZE if block_kv is None else block_kv
+    bq, bk = max(1, min(int(block_q), t)), max(1, min(int(block_kv), s))
+    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+
+    def pad(x, n):  # pad axis 1 to n with zeros (segment 0 = padding: never attended, zero output)
+        return x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+    out = _blockwise_core(bool(causal), scale, bq, bk, pad(q, tp), pad(k, sp), pad(v, sp),
+                          pad(q_seg.astype(jnp.int32), tp), pad(kv_seg.astype(jnp.int32), sp),
+                          pad(q_pos.astype(jnp.int32), tp), pad(kv_pos.astype(jnp.int32), sp))
+    return out[:, :t]
+
+
+def _tile_mask(qs, qp, ks, kp, causal):
+    """(B, bq) query and (B, bk) key segment ids / positions -> (B, 1, 1, bq, bk) visibility."""
+    m = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
+    if causal:
+        m = m & (kp[:, None, :] <= qp[:, :, None])
+    return m[:, None, None]
+
+
+def _kv_block_range(qs, qp, ks, kp, causal, bk):
+    """[lo, hi) key-block range holding every key visible from a query block (empty: lo = hi = 0)."""
+    m = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)  # (B, bq, S); reduced right away
+    if causal:
+        m = m & (kp[:, None, :] <= qp[:, :, None])
+    nk = ks.shape[1] // bk
+    vis = jnp.any(m.reshape(m.shape[0], m.shape[1], nk, bk), axis=(0, 1, 3))  # (nk,)
+    lo = jnp.argmax(vis).astype(jnp.int32)
+    hi = (nk - jnp.argmax(vis[::-1])).astype(jnp.int32)
+    anyv = jnp.any(vis)
+    return jnp.where(anyv, lo, 0), jnp.where(anyv, hi, 0)
+
+
+def _q_blocks(x, bq):
+    """(B, Tp, ...) -> (nq, B, bq, ...): query blocks on a leading axis for ``lax.scan``."""
+    n = x.shape[1] // bq
+    x = x.reshape((x.shape[0], n, bq) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _from_q_blocks(x):
+    """(nq, B, bq, ...) -> (B, nq * bq, ...)."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+
+def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale):
+    """Key block ``[start, start + bk)`` against query block ``qi``: the block's keys and values,
+    its visibility mask and its masked float32 scores (B, Hkv, G, bq, bk); shared by the forward
+    pass and the recomputing backward pass."""
+    kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
+    vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+    ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
+    kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
+    msk = _tile_mask(qs, qp, ks, kp, causal)
+    sc = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    return kj, vj, msk, jnp.where(msk, sc, _MASKED_SCORE)
+
+
+def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    f32 = jnp.float32
+
+    def q_block(_, xs):
+        qi, qs, qp = xs  # (B,bq,Hkv,G,D), (B,bq), (B,bq)
+        lo, hi = _kv_block_range(qs, qp, kv_seg, kv_pos, causal, bk)
+
+        def kv_step(j, carry):
+            m, l, acc = carry
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, j * bk, bk, causal, scale)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            p = jnp.where(msk, jnp.exp(sc - m_new[..., None]), 0.0)
+            alpha = jnp.exp(m - m_new)
+            l = l * alpha + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=f32)
+            return m_new, l, acc * alpha[..., None] + pv
+
+        init = (jnp.full((b, hkv, g, bq), _MASKED_SCORE, f32), jnp.zeros((b, hkv, g, bq), f32),
+                jnp.zeros((b, hkv, g, bq, d), f32))
+        m, l, acc = jax.lax.fori_loop(lo, hi, kv_step, init)
+        seen = l > 0  # a row with a visible key has l >= 1 (its max term is exp(0))
+        o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return None, (jnp.einsum("bhgqd->bqhgd", o).astype(q.dtype), lse, lo, hi)
+
+    qb = _q_blocks(q.reshape(b, tp, hkv, g, d), bq)
+    _, (o, lse, lo, hi) = jax.lax.scan(q_block, None, (qb, _q_blocks(q_seg, bq), _q_blocks(q_pos, bq)))
+    return _from_q_blocks(o).reshape(b, tp, hq, d), (lse, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _blockwise_core(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    return _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
+
+
+def _blockwise_core_fwd(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    o, (lse, lo, hi) = _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+    return o, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, o, lse, lo, hi)
+
+
+def _blockwise_core_bwd(causal, scale, bq, bk, res, do):
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, o, lse, lo, hi = res
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    f32 = jnp.float32
+    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij (the softmax backward's row term)
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1).reshape(b, tp, hkv, g)
+    delta = jnp.einsum("bthg->bhgt", delta)  # (B,Hkv,G,Tp)
+
+    def q_block(carry, xs):
+        dk_acc, dv_acc = carry
+        qi, doi, qs, qp, lse_i, delta_i, lo_i, hi_i = xs
+
+        def kv_step(j, c):
+            dq_i, dk_acc, dv_acc = c
+            start = j * bk
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale)
+            p = jnp.where(msk, jnp.exp(sc - lse_i[..., None]), 0.0)  # (B,Hkv,G,bq,bk)
+            dv_j = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do.dtype), doi, preferred_element_type=f32)
+            dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, vj, preferred_element_type=f32)
+            ds = p * (dp - delta_i[..., None])
+            dq_i = dq_i + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), kj,
+                                     preferred_element_type=f32) * scale
+            dk_j = jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), qi, preferred_element_type=f32) * scale
+            dk_acc = jax.lax.dynamic_update_slice_in_dim(
+                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, start, bk, axis=1) + dk_j, start, axis=1)
+            dv_acc = jax.lax.dynamic_update_slice_in_dim(
+                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, start, bk, axis=1) + dv_j, start, axis=1)
+            return dq_i, dk_acc, dv_acc
+
+        init = (jnp.zeros((b, bq, hkv, g, d), f32), dk_acc, dv_acc)
+        dq_i, dk_acc, dv_acc = jax.lax.fori_loop(lo_i, hi_i, kv_step, init)
+        return (dk_acc, dv_acc), dq_i.astype(q.dtype)
+
+    sp = k.shape[1]
+    zeros_kv = jnp.zeros((b, sp, hkv, d), f32)
+    xs = (_q_blocks(q.reshape(b, tp, hkv, g, d), bq), _q_blocks(do.reshape(b, tp, hkv, g, d), bq),
+          _q_blocks(q_seg, bq), _q_blocks(q_pos, bq),
+          lse, jnp.moveaxis(delta.reshape(b, hkv, g, tp // bq, bq), 3, 0), lo, hi)
+    (dk, dv), dq = jax.lax.scan(q_block, (zeros_kv, zeros_kv), xs)
+    dq = _from_q_blocks(dq).reshape(b, tp, hq, d)
+    return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
+
+
+_blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One attention implementation for the decoder's full (cache-free) forward pass.
+
+    ``prepare(segment_ids, positions) -> prepared`` runs once per forward pass;
+    ``attend(q, k, v, prepared, *, scale, block) -> out`` once per layer, q (B,T,Hq,D), k/v (B,T,Hkv,D)."""
+
+    name: str
+    prepare: Callable[[jax.Array, jax.Array], Any]
+    attend: Callable[..., jax.Array]
+    doc: str = ""
+
+
+def _xla_prepare(segment_ids, positions):
+    return attention_mask(segment_ids, None, positions, positions, causal=True)
+
+
+def _xla_attend(q, k, v, mask, *, scale, block):
+    del block
+    return dot_product_attention(q, k, v, mask, scale=scale)
+
+
+def _blockwise_attend(q, k, v, seg: PackedSegments, *, scale, block):
+    return blockwise_attention(q, k, v, seg.segment_ids, None, seg.positions, seg.positions, causal=True,
+                               scale=scale, block_q=block, block_kv=block)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    if backend.name in BACKENDS:
+        raise ValueError(f"attention backend {backend.name!r} is registered twice")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+register(Backend("xla", _xla_prepare, _xla_attend, "dense float32 scores under a mask (reference)"))
+register(Backend("blockwise", PackedSegments, _blockwise_attend,
+                 "exact tiled attention, online softmax, O(T * block) memory"))
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}") from None

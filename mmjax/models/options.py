@@ -1,0 +1,70 @@
+"""Run-time model options: the choices a training run makes that no checkpoint's config.json holds.
+
+``ModelOptions`` is the one typed path by which remat, the attention backend and its block, ViT
+drop path and the ``<IMG_CONTEXT>`` token id reach a model: ``from_pretrained(..., options=)`` and
+``weights.layouts.model_factory(..., options=)`` apply it to the family configs they read, and it
+validates every field once, when it is built (the trainer builds it from ``config.model``).
+``None`` keeps what the checkpoint's config says (or the family's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mmjax.models.attention import BACKENDS
+from mmjax.models.layers import REMAT_POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    remat: str | None = None                 # a policy in layers.REMAT_POLICIES, for every layer stack
+    attention: str | None = None             # the decoder's backend (attention.BACKENDS); ViT tiles use xla
+    attention_block: int | None = None       # query / key tile of tiled backends
+    drop_path_rate: float | None = None      # InternViT stochastic depth (training only)
+    img_context_token_id: int | None = None  # the id the data pipeline writes for image slots
+
+    def __post_init__(self):
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+        if self.attention is not None and self.attention not in BACKENDS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {sorted(BACKENDS)}")
+        if self.attention_block is not None and (not _is_int(self.attention_block) or self.attention_block < 1):
+            raise ValueError(f"attention_block={self.attention_block!r}: must be an integer >= 1")
+        if self.drop_path_rate is not None and not 0.0 <= float(self.drop_path_rate) < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate!r}: must be in [0, 1)")
+        if self.img_context_token_id is not None and (not _is_int(self.img_context_token_id)
+                                                      or self.img_context_token_id < 0):
+            raise ValueError(f"img_context_token_id={self.img_context_token_id!r}: must be a token id >= 0")
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "ModelOptions":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, options: "ModelOptions | None", kwargs: dict) -> tuple["ModelOptions", dict]:
+        """``options`` with any of its fields found in ``kwargs`` (the keyword form of the API:
+        ``from_pretrained(path, remat="full")``), and the keywords left over."""
+        rest = dict(kwargs)
+        knobs = {k: rest.pop(k) for k in cls.fields() if k in rest}
+        return (options or cls()).replace(**knobs), rest
+
+    def apply_text(self, cfg):
+        """A decoder config (``DecoderConfig``) with these options."""
+        kw = {k: getattr(self, k) for k in ("remat", "attention", "attention_block") if getattr(self, k) is not None}
+        return dataclasses.replace(cfg, **kw) if kw else cfg
+
+    def apply_vision(self, cfg):
+        """A ViT config (``InternViTConfig``) with these options (its attention stays xla: tiles are short)."""
+        kw = {}
+        if self.remat is not None:
+            kw["remat"] = self.remat
+        if self.drop_path_rate is not None:
+            kw["drop_path_rate"] = float(self.drop_path_rate)
+        return dataclasses.replace(cfg, **kw) if kw else cfg
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

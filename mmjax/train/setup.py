@@ -1,0 +1,323 @@
+"""Assembling a training run: the one place where a config becomes a model, data, a mesh, a train
+state and a jitted step. The trainer (``run.train``), the benchmarks, the tests and the memory
+planner all call :func:`build_run`, so what they measure is what trains.
+
+    run = build_run(cfg, workdir=...)                    # weights read, data loader built
+    run = build_run(cfg, abstract=True)                  # shapes only: nothing read, nothing allocated
+    state, metrics = run.step_fn(run.state, run.frozen, run.rest, run.to_global(next(run.loader)))
+
+``abstract=True`` builds every parameter, optimizer state and batch as a ``jax.ShapeDtypeStruct``
+carrying its sharding: ``run.lower()`` then compiles the real step ahead of time. ``hf_config``
+gives the model's config.json as a dict instead of reading ``cfg.model_path`` (random weights when
+not abstract): how a benchmark builds a model no checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmjax import sharding as shd
+from mmjax.data.batch import ROW_KEYS, batch_shapes
+from mmjax.dtypes import model_dtype
+from mmjax.models.options import ModelOptions
+from mmjax.train import optim as optim_lib
+from mmjax.train import state as state_lib
+from mmjax.train import step as step_lib
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
+    """``config.model``'s run-time knobs as the typed :class:`ModelOptions` (validated here, once)."""
+    m = cfg.model
+    try:
+        return ModelOptions(remat=m.remat, attention=m.attention, attention_block=int(m.attention_block),
+                            drop_path_rate=float(m.drop_path_rate), img_context_token_id=img_context_token_id)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
+
+
+def validate_config(cfg, checkpoint_required: bool = True) -> None:
+    """Impossible combinations and missing files fail here, before anything is generated or compiled.
+    ``checkpoint_required=False``: the model's config comes from elsewhere (``build_run(hf_config=)``)."""
+    if cfg.data.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.data.batch_size % cfg.grad_accum:
+        raise ConfigError(f"config.batch_size={cfg.data.batch_size} must be a positive multiple of "
+                          f"config.grad_accum={cfg.grad_accum}")
+    n_dev = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+    if n_dev != jax.device_count():
+        raise ConfigError(f"config.mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp} x tensor={cfg.mesh.tensor} "
+                          f"= {n_dev} devices, but {jax.device_count()} are visible")
+    micro = cfg.data.batch_size // cfg.grad_accum
+    rows_axes = cfg.mesh.data * cfg.mesh.fsdp
+    if micro % rows_axes:
+        raise ConfigError(f"micro-batch of {micro} rows (batch_size / grad_accum) does not divide over "
+                          f"data x fsdp = {rows_axes} devices")
+    model_options(cfg)
+    for key in ("dtype", "param_dtype", "frozen_param_dtype"):
+        try:
+            model_dtype(cfg.model[key], f"config.model.{key}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.freeze.backbone and cfg.freeze.mlp and cfg.freeze.llm and not (cfg.lora.llm_rank or cfg.lora.vit_rank) \
+            and not cfg.freeze.unfreeze_vit_layers:
+        raise ConfigError("every parameter is frozen (freeze.backbone, freeze.mlp, freeze.llm) and no LoRA rank "
+                          "is set: nothing would train")
+    if not cfg.synthetic.enabled and checkpoint_required:
+        if not cfg.model_path:
+            raise ConfigError("config.model_path is empty: point it at an HF checkpoint directory")
+        if not os.path.isdir(cfg.model_path):
+            name = os.path.basename(os.path.normpath(cfg.model_path))
+            raise ConfigError(f"config.model_path {cfg.model_path} does not exist; download it with "
+                              f"`huggingface-cli download OpenGVLab/{name} --local-dir {cfg.model_path}`")
+    if cfg.eval.enabled and not cfg.synthetic.enabled and not cfg.eval.annotation:
+        raise ConfigError("config.eval.enabled is set but config.eval.annotation is empty: name a held-out "
+                          "InternVL JSONL (and eval.root for its images)")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop needs, built once. With ``abstract=True`` the arrays are
+    ``jax.ShapeDtypeStruct``s (with shardings) and there is no tokenizer-bound data loader."""
+
+    cfg: Any                     # the validated config, paths and template resolved
+    mesh: Mesh
+    notes: list[str]             # start-up decisions worth a line in the summary
+    tokenizer: Any
+    model_type: str              # the model's class name
+    has_vision: bool
+    use_lora: bool
+    graphdef: Any
+    state: state_lib.TrainState  # trainable params (master dtype) + optimizer state
+    frozen: Any                  # frozen params (storage dtype config.model.frozen_param_dtype)
+    rest: Any                    # non-parameter variables (RNG state, the SourceRecord rides in graphdef)
+    state_shardings: Any
+    frozen_shardings: Any
+    rest_shardings: Any
+    batch_shardings: dict
+    tx: Any
+    schedule: Any
+    update_mask: Any
+    total_steps: int
+    step_fn: Any                 # jax.jit(step) with explicit in/out shardings, state donated
+    dataset: Any = None
+    loader: Any = None
+    abstract: bool = False
+
+    # ---- batches ----------------------------------------------------------------------------
+
+    def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the step takes, as sharded ``ShapeDtypeStruct``s."""
+        d = self.cfg.data
+        shapes = batch_shapes(int(d.batch_size), int(d.pack_max_length if d.packing != "none" else d.max_length),
+                              int(d.max_tiles_per_pack), int(d.image_size))
+        return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_shardings[k]) for k, (s, dt) in shapes.items()}
+
+    def to_global(self, host_batch: dict) -> dict:
+        """This process's rows (a loader batch) -> global arrays, rows split over (data, fsdp)."""
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(host_batch[k]))
+                for k in ROW_KEYS}
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def lower(self):
+        """The step lowered on abstract inputs (ahead of time; nothing runs)."""
+        spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                                         if hasattr(x, "sharding") else x, tree)
+        return self.step_fn.lower(spec(self.state), spec(self.frozen), spec(self.rest), self.batch_spec())
+
+    def model(self, params=None):
+        """The model with ``params`` (default: the state's) merged back with the frozen part."""
+        return nnx.merge(self.graphdef, self.state.params if params is None else params, self.frozen, self.rest)
+
+
+def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir: str | None = None,
+              hf_config: dict | None = None, with_data: bool = True) -> Run:
+    """Assemble a run from ``cfg`` (see the module docstring). ``workdir`` holds what the embedded
+    default generates; ``with_data=False`` skips the dataset and loader (``total_steps`` must then
+    come from the config)."""
+    validate_config(cfg, checkpoint_required=hf_config is None)
+    notes = []
+    if cfg.synthetic.enabled:
+        from mmjax.data.embedded import prepare_embedded
+        if workdir is None:
+            raise ConfigError("the embedded default (synthetic.enabled) generates its assets in a workdir: pass one")
+        notes += prepare_embedded(cfg, workdir)
+    mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+    tokenizer = _load_tokenizer(cfg, required=not abstract)
+    layout, config = _model_config(cfg, hf_config)
+    options = model_options(cfg, _image_token_id(cfg, layout, tokenizer))
+    model = _build_model(cfg, layout, config, options, abstract=abstract, from_checkpoint=hf_config is None)
+    has_vision = hasattr(model, "vision_model")
+    use_lora = bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
+
+    from mmjax.data.templates import resolve_template
+    try:
+        notes.append(resolve_template(cfg.data, config, where=_config_name(cfg, hf_config)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    dataset = loader = None
+    if with_data and not abstract:
+        from mmjax.data import build_dataset, build_loader
+        dataset = build_dataset(cfg.data, tokenizer)
+        loader = build_loader(cfg.data, tokenizer, dataset=dataset)
+    if cfg.total_steps > 0:
+        total_steps = int(cfg.total_steps)
+    elif dataset is not None:
+        total_steps = estimate_total_steps(cfg, len(dataset), rows_per_sample(dataset, cfg.data))
+    else:
+        raise ConfigError("config.total_steps must be > 0 when the run has no data to count steps from")
+
+    # params: trainable (float32 master weights, optimizer state) vs frozen (storage dtype) vs the rest
+    freeze = state_lib.effective_freeze(cfg)
+    graphdef, trainable, frozen, rest = nnx.split(model, state_lib.trainable_filter(freeze, has_vision), nnx.Param, ...)
+    frozen = _cast_floating(frozen, model_dtype(cfg.model.frozen_param_dtype))
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, total_steps)
+    update_mask = state_lib.vit_layer_mask(trainable, freeze, has_vision)
+
+    repl = state_lib.replicated(mesh)
+    trainable_sh = state_lib.param_shardings(trainable, mesh)
+    frozen_sh = state_lib.param_shardings(frozen, mesh)
+    rest_sh = repl
+    init = lambda p: step_lib.init_state(p, tx, cfg.seed)
+    state_sh = state_lib.param_shardings(jax.eval_shape(init, trainable), mesh)
+    if abstract:
+        state = jax.tree.map(_with_sharding, jax.eval_shape(init, trainable), state_sh)
+        frozen = jax.tree.map(_with_sharding, frozen, frozen_sh)
+    else:
+        trainable = jax.device_put(trainable, trainable_sh)
+        state = jax.jit(init, in_shardings=(trainable_sh,), out_shardings=state_sh)(trainable)
+        del trainable
+        frozen = jax.device_put(frozen, frozen_sh)
+        rest = jax.device_put(rest, rest_sh)
+
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    batch_sh = {k: rows for k in ROW_KEYS}
+    step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum, chunk_size=cfg.loss_chunk_size,
+                                    update_mask=update_mask, lora_dropout=use_lora and cfg.lora.dropout > 0)
+    # explicit shardings: the state keeps its placement; it is donated, so params and optimizer
+    # state are updated in place
+    step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, rest_sh, batch_sh), out_shardings=(state_sh, repl),
+                      donate_argnums=(0,))
+    return Run(cfg=cfg, mesh=mesh, notes=notes, tokenizer=tokenizer, model_type=type(model).__name__,
+               has_vision=has_vision, use_lora=use_lora, graphdef=graphdef, state=state, frozen=frozen, rest=rest,
+               state_shardings=state_sh, frozen_shardings=frozen_sh, rest_shardings=rest_sh, batch_shardings=batch_sh,
+               tx=tx, schedule=schedule, update_mask=update_mask, total_steps=total_steps, step_fn=step_fn,
+               dataset=dataset, loader=loader, abstract=abstract)
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+
+def _load_tokenizer(cfg, required: bool):
+    from mmjax.data.tokenizer import load_tokenizer
+    path = cfg.tokenizer_path or cfg.model_path
+    if not required and not (path and os.path.isdir(path)):
+        return None
+    return load_tokenizer(path)
+
+
+def _image_token_id(cfg, layout: str, tokenizer) -> int | None:
+    """The ``<IMG_CONTEXT>`` id the model looks for: the tokenizer's (the id the data pipeline
+    writes), or ``config.model.img_context_token_id`` where there is no tokenizer (abstract plans)."""
+    given = int(cfg.model.get("img_context_token_id", -1))
+    if layout == "causal_lm":
+        return None
+    if tokenizer is None:
+        return given if given >= 0 else None
+    tok = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if given >= 0 and given != tok:
+        raise ConfigError(f"config.model.img_context_token_id={given} but the tokenizer's <IMG_CONTEXT> is {tok}: "
+                          "the model would look for another id than the data holds")
+    return tok
+
+
+def _config_name(cfg, hf_config) -> str:
+    return "the given model config" if hf_config is not None else os.path.join(cfg.model_path, "config.json")
+
+
+def _model_config(cfg, hf_config: dict | None) -> tuple[str, dict]:
+    from mmjax.weights import layouts
+    from mmjax.weights.loader import read_config
+    config = dict(hf_config) if hf_config is not None else read_config(cfg.model_path)[0]
+    return layouts.detect_layout(config), config
+
+
+def _build_model(cfg, layout: str, config: dict, options: ModelOptions, *, abstract: bool, from_checkpoint: bool):
+    """The model (weights read from ``cfg.model_path`` when ``from_checkpoint``, random otherwise;
+    shapes only when ``abstract``), with the config's LoRA adapters."""
+    import mmjax
+    from mmjax.weights import layouts
+
+    dtype, param_dtype = model_dtype(cfg.model.dtype), model_dtype(cfg.model.param_dtype)
+    directory = cfg.model_path if from_checkpoint else None
+
+    def with_lora(model):
+        if cfg.lora.llm_rank or cfg.lora.vit_rank:
+            from mmjax.models.lora import apply_lora
+            apply_lora(model, llm_rank=cfg.lora.llm_rank,
+                       vit_rank=cfg.lora.vit_rank if hasattr(model, "vision_model") else 0,
+                       alpha_ratio=cfg.lora.alpha_ratio, dropout=cfg.lora.dropout,
+                       llm_targets=tuple(cfg.lora.llm_targets) or None, vit_targets=tuple(cfg.lora.vit_targets),
+                       rngs=cfg.seed)
+        return model
+
+    make = layouts.model_factory(layout, config, directory, options)
+    if abstract:
+        return layouts.abstract_model(lambda: with_lora(make(dtype, param_dtype, nnx.Rngs(cfg.seed))))
+    if from_checkpoint:
+        model = mmjax.from_pretrained(cfg.model_path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                      options=options)
+    else:
+        model = make(dtype, param_dtype, nnx.Rngs(cfg.seed))
+    return with_lora(model)
+
+
+def _cast_floating(tree, dtype):
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+    return jax.tree.map(cast, tree)
+
+
+def _with_sharding(x, sharding):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def rows_per_sample(dataset, data_cfg, probe: int = 64, fill: float = 0.95) -> float:
+    """Packed rows one sample occupies on average, from a seeded probe of the dataset: the
+    tighter of the token and tile budgets, at the packer's typical fill. (Packing makes the
+    number of steps per epoch data-dependent; upstream's packed mode asks the user for max_steps.)"""
+    if data_cfg.get("packing", "first_fit") == "none":
+        return 1.0
+    n = len(dataset)
+    idx = np.random.default_rng(0).choice(n, size=min(probe, n), replace=False)
+    tokens, tiles, seen = 0, 0, 0
+    for i in idx:
+        s = dataset[int(i)]
+        if s is None:
+            continue
+        tokens += len(s["input_ids"])
+        tiles += int(np.sum(s["image_flags"]))
+        seen += 1
+    seen = max(seen, 1)
+    by_tokens = tokens / seen / (data_cfg.pack_max_length * fill)
+    by_tiles = tiles / seen / (data_cfg.max_tiles_per_pack * fill)
+    return max(by_tokens, by_tiles)
+
+
+def estimate_total_steps(cfg, dataset_len: int, rows_each: float) -> int:
+    return max(math.ceil(cfg.num_epochs * dataset_len * rows_each / cfg.data.batch_size), 1)
