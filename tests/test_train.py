@@ -626,3 +626,59 @@ def test_checkpoint_template_used_when_the_config_names_none(assets, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="names no chat template"):
         build(tiny_config(**base, **{"data.template": ""}), assets, with_data=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_checkpoints_and_exports_what_it_trained(assets, reference_run, tmp_path):
+    """Two processes x 1 CPU device (gloo) train one run on an fsdp=2 mesh: both finish, the
+    losses are the one-process run's, and process 0's HF export holds exactly the trained weights
+    (the checkpoint both processes wrote, restored on one process)."""
+    import mmjax
+
+    steps = RESUME_STEPS   # the reference run's schedule
+    extra = {**OVERRIDES, "total_steps": steps, "mesh.fsdp": 2, "export.dtype": "float32",
+             "checkpoint.every_steps": 10}
+    wd = new_workdir(assets, tmp_path, "two")
+    port, result = _free_port(), tmp_path / "result"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)   # one device per process
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(port), "2", str(i),
+                               str(wd), str(result), *[f"{k}={json.dumps(v)}" for k, v in extra.items()]],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=420)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2500:] for log in logs)
+    out0, out1 = (json.loads(Path(f"{result}.{i}").read_text()) for i in range(2))
+    assert out0["process_count"] == 2 and out0["step"] == out1["step"] == steps
+    assert "hf_dir" in out0 and "hf_dir" not in out1   # process 0 writes
+
+    ref, got = read_losses(reference_run), read_losses(wd)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in range(1, 6):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), s
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-2), s
+
+    cfg = tiny_config(total_steps=steps)
+    run, state, _ = restore_params(cfg, assets, wd)
+    assert int(state.step) == steps
+    options = model_options(cfg, run.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    exported = mmjax.from_pretrained(str(wd / "hf"), dtype="float32", options=options)
+    assert tree_equal(nnx.state(exported, nnx.Param), nnx.state(run.model(state.params), nnx.Param))
