@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 4e-5
+    c.optim.schedule = "cosine"       # cosine | constant (both after the linear warmup)
     c.optim.weight_decay = 0.01
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999

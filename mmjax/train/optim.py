@@ -1,4 +1,4 @@
-"""Optimizer and schedule: AdamW with warmup + cosine, global-norm clipping, a weight-decay mask.
+"""Optimizer and schedule: AdamW with warmup + cosine (or constant), global-norm clipping, a weight-decay mask.
 
 Only trainable parameters ever reach the optimizer (frozen ones are split off before
 ``optax.init``), so frozen parameters hold no optimizer state at all.
@@ -34,6 +34,35 @@ def warmup_cosine(lr: float, total_steps: int, warmup_ratio: float = 0.03, warmu
     return schedule
 
 
+def warmup_constant(lr: float, total_steps: int, warmup_ratio: float = 0.0, warmup_steps: int | None = None
+                    ) -> optax.Schedule:
+    """Linear warmup from 0 (``ceil(ratio * total)`` steps, HF ``constant_with_warmup``), then ``lr``."""
+    if warmup_steps is None:
+        warmup_steps = math.ceil(warmup_ratio * max(int(total_steps), 1))
+    warmup_steps = int(warmup_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        return jnp.where(step < warmup_steps, lr * step / max(warmup_steps, 1), jnp.asarray(lr, jnp.float32))
+
+    return schedule
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """``cfg.schedule``: ``cosine`` (warmup, then cosine to ``min_lr_ratio * lr``) or ``constant``
+    (warmup, then ``lr``); warmup from ``warmup_ratio`` or ``warmup_steps``."""
+    name = cfg.get("schedule", "cosine")
+    if name == "cosine":
+        return warmup_cosine(cfg.lr, total_steps, cfg.warmup_ratio, cfg.get("warmup_steps", None),
+                             cfg.get("min_lr_ratio", 0.0))
+    if name == "constant":
+        return warmup_constant(cfg.lr, total_steps, cfg.warmup_ratio, cfg.get("warmup_steps", None))
+    raise ValueError(f"optim.schedule={name!r}: choose one of {SCHEDULES}")
+
+
 def decay_mask(params, no_decay_patterns: tuple[str, ...] = ()):
     """True where weight decay applies. Upstream (DeepSpeed-owned AdamW) decays every trainable
     parameter, so the default pattern list is empty; patterns are regexes over '/'-joined paths."""
@@ -47,10 +76,9 @@ def decay_mask(params, no_decay_patterns: tuple[str, ...] = ()):
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``cfg`` is the config's ``optim`` block: lr, weight_decay, b1, b2, eps, clip_norm,
+    """``cfg`` is the config's ``optim`` block: lr, schedule, weight_decay, b1, b2, eps, clip_norm,
     warmup_ratio, min_lr_ratio, no_decay (tuple of regexes)."""
-    schedule = warmup_cosine(cfg.lr, total_steps, cfg.warmup_ratio, cfg.get("warmup_steps", None),
-                             cfg.get("min_lr_ratio", 0.0))
+    schedule = make_schedule(cfg, total_steps)
     no_decay = tuple(cfg.get("no_decay", ()))
     chain = []
     if cfg.clip_norm and cfg.clip_norm > 0:

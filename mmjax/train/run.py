@@ -194,7 +194,8 @@ def startup_summary(run: Run, start: int) -> str:
         f"  mesh       {dict(mesh.shape)} on {jax.device_count()} x {jax.devices()[0].device_kind}",
         f"  memory     params {b_params / 2**30:.2f} GiB + optimizer {b_opt / 2**30:.2f} GiB "
         f"~ {per_dev / 2**30:.2f} GiB per device before activations",
-        f"  steps      {start} -> {run.total_steps}, lr {cfg.optim.lr}, warmup {cfg.optim.warmup_ratio:.0%}, cosine",
+        f"  steps      {start} -> {run.total_steps}, lr {cfg.optim.lr}, warmup {cfg.optim.warmup_ratio:.0%}, "
+        f"{cfg.optim.get('schedule', 'cosine')}",
     ]
     lines += [f"  {n}" for n in run.notes]
     return "\n".join(lines)

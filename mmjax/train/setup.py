@@ -64,6 +64,8 @@ def validate_config(cfg, checkpoint_required: bool = True) -> None:
         raise ConfigError(f"micro-batch of {micro} rows (batch_size / grad_accum) does not divide over "
                           f"data x fsdp = {rows_axes} devices")
     model_options(cfg)
+    if cfg.optim.get("schedule", "cosine") not in optim_lib.SCHEDULES:
+        raise ConfigError(f"config.optim.schedule={cfg.optim.schedule!r}: choose one of {optim_lib.SCHEDULES}")
     for key in ("dtype", "param_dtype", "frozen_param_dtype"):
         try:
             model_dtype(cfg.model[key], f"config.model.{key}")
@@ -155,7 +157,7 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
         notes += prepare_embedded(cfg, workdir)
     mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
 
-    tokenizer = _load_tokenizer(cfg, required=not abstract)
+    tokenizer = _load_tokenizer(cfg, required=with_data and not abstract)
     layout, config = _model_config(cfg, hf_config)
     options = model_options(cfg, _image_token_id(cfg, layout, tokenizer))
     model = _build_model(cfg, layout, config, options, abstract=abstract, from_checkpoint=hf_config is None)
@@ -224,8 +226,9 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
 def _load_tokenizer(cfg, required: bool):
     from mmjax.data.tokenizer import load_tokenizer
     path = cfg.tokenizer_path or cfg.model_path
-    if not required and not (path and os.path.isdir(path)):
-        return None
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not required and not (path and any(os.path.exists(os.path.join(path, f)) for f in files)):
+        return None   # a run without data needs no tokenizer (the <IMG_CONTEXT> id then comes from the config)
     return load_tokenizer(path)
 
 
