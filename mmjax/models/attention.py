@@ -49,21 +49,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """Plain XLA attention with grouped KV heads. q: (B,T,Hq,D), k/v: (B,S,Hkv,D) -> (B,T,Hq,D).
 
     Scores and softmax in float32. Rows with no visible key (padding) produce zeros, not NaN.
+    Computed head-major (one batched matmul per KV head group, no per-product transposes) and
+    normalized after the value product (``(exp(s - max) @ v) / sum``: one pass less over the
+    (T, S) scores than softmax-then-matmul; the shift is a constant of the softmax, so its
+    gradient is zero and it is taken out of the graph).
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    s, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, hkv, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    qh = jnp.moveaxis(q.reshape(b, t, hkv, g, d), 1, 3).reshape(b, hkv, g * t, d)
+    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32).reshape(b, hkv, g, t, s)
+    scores = scores * scale
     if mask is not None:
         m = mask[:, :, None]  # (B,1,1,T,S)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     if mask is not None:
-        probs = jnp.where(m, probs, 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(b, t, hq, d)
+        e = jnp.where(m, e, 0.0)
+    denom = jnp.sum(e, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.reshape(b, hkv, g * t, s).astype(v.dtype), vh,
+                     preferred_element_type=jnp.float32).reshape(b, hkv, g, t, d)
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, hq, d).astype(q.dtype)
 
 
 # ---- memory-efficient exact attention ("blockwise" backend) ----------------------------------------
@@ -127,10 +136,15 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     def pad(x, n):  # pad axis 1 to n with zeros (segment 0 = padding: never attended, zero output)
         return x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
-    out = _blockwise_core(bool(causal), scale, bq, bk, pad(q, tp), pad(k, sp), pad(v, sp),
+    # head-major inside the kernel: (B, Hkv, G, T, D) queries, (B, Hkv, S, D) keys / values, so every
+    # tile product is a plain batched matmul over (B, Hkv) with no per-tile transposes
+    g = hq // hkv
+    qh = jnp.moveaxis(pad(q, tp).reshape(b, tp, hkv, g, d), 1, 3)
+    kh, vh = jnp.moveaxis(pad(k, sp), 1, 2), jnp.moveaxis(pad(v, sp), 1, 2)
+    out = _blockwise_core(bool(causal), scale, bq, bk, qh, kh, vh,
                           pad(q_seg.astype(jnp.int32), tp), pad(kv_seg.astype(jnp.int32), sp),
                           pad(q_pos.astype(jnp.int32), tp), pad(kv_pos.astype(jnp.int32), sp))
-    return out[:, :t]
+    return jnp.moveaxis(out, 3, 1).reshape(b, tp, hq, d)[:, :t]
 
 
 def _tile_mask(qs, qp, ks, kp, causal):
@@ -154,40 +168,48 @@ def _kv_block_range(qs, qp, ks, kp, causal, bk):
     return jnp.where(anyv, lo, 0), jnp.where(anyv, hi, 0)
 
 
-def _q_blocks(x, bq):
-    """(B, Tp, ...) -> (nq, B, bq, ...): query blocks on a leading axis for ``lax.scan``."""
-    n = x.shape[1] // bq
-    x = x.reshape((x.shape[0], n, bq) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+def _blocks(x, axis, size):
+    """Split ``axis`` into blocks of ``size`` on a new leading axis (for ``lax.scan``)."""
+    n = x.shape[axis] // size
+    x = x.reshape(x.shape[:axis] + (n, size) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
-def _from_q_blocks(x):
-    """(nq, B, bq, ...) -> (B, nq * bq, ...)."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+def _unblocks(x, axis):
+    """Inverse of :func:`_blocks`: the leading block axis merged back into ``axis``."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
 def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale):
-    """Key block ``[start, start + bk)`` against query block ``qi``: the block's keys and values,
-    its visibility mask and its masked float32 scores (B, Hkv, G, bq, bk); shared by the forward
-    pass and the recomputing backward pass."""
-    kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
-    vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+    """Key block ``[start, start + bk)`` against query block ``qi`` (B, Hkv, G, bq, D): the block's
+    keys and values (B, Hkv, bk, D), its visibility mask and its masked float32 scores
+    (B, Hkv, G, bq, bk); shared by the forward pass and the recomputing backward pass."""
+    b, h, g, bq, d = qi.shape
+    kj = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=2)
+    vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2)
     ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
     kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
     msk = _tile_mask(qs, qp, ks, kp, causal)
-    sc = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
+    # the G query heads of a KV head share its keys: one (G * bq, D) x (D, bk) product
+    sc = jnp.einsum("bhqd,bhkd->bhqk", qi.reshape(b, h, g * bq, d), kj,
+                    preferred_element_type=jnp.float32).reshape(b, h, g, bq, bk) * scale
     return kj, vj, msk, jnp.where(msk, sc, _MASKED_SCORE)
 
 
+def _rows_times(p, x):
+    """(B, Hkv, G, bq, bk) x (B, Hkv, bk, D) -> (B, Hkv, G, bq, D) float32, as one matmul per (B, Hkv)."""
+    b, h, g, bq, bk = p.shape
+    return jnp.einsum("bhqk,bhkd->bhqd", p.reshape(b, h, g * bq, bk), x,
+                      preferred_element_type=jnp.float32).reshape(b, h, g, bq, x.shape[-1])
+
+
 def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    b, tp, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
+    b, hkv, g, tp, d = q.shape
     f32 = jnp.float32
 
     def q_block(_, xs):
-        qi, qs, qp = xs  # (B,bq,Hkv,G,D), (B,bq), (B,bq)
+        qi, qs, qp = xs  # (B,Hkv,G,bq,D), (B,bq), (B,bq)
         lo, hi = _kv_block_range(qs, qp, kv_seg, kv_pos, causal, bk)
 
         def kv_step(j, carry):
@@ -197,8 +219,7 @@ def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_
             p = jnp.where(msk, jnp.exp(sc - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
             l = l * alpha + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=f32)
-            return m_new, l, acc * alpha[..., None] + pv
+            return m_new, l, acc * alpha[..., None] + _rows_times(p.astype(v.dtype), vj)
 
         init = (jnp.full((b, hkv, g, bq), _MASKED_SCORE, f32), jnp.zeros((b, hkv, g, bq), f32),
                 jnp.zeros((b, hkv, g, bq, d), f32))
@@ -206,11 +227,11 @@ def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_
         seen = l > 0  # a row with a visible key has l >= 1 (its max term is exp(0))
         o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-        return None, (jnp.einsum("bhgqd->bqhgd", o).astype(q.dtype), lse, lo, hi)
+        return None, (o.astype(q.dtype), lse, lo, hi)
 
-    qb = _q_blocks(q.reshape(b, tp, hkv, g, d), bq)
-    _, (o, lse, lo, hi) = jax.lax.scan(q_block, None, (qb, _q_blocks(q_seg, bq), _q_blocks(q_pos, bq)))
-    return _from_q_blocks(o).reshape(b, tp, hq, d), (lse, lo, hi)
+    xs = (_blocks(q, 3, bq), _blocks(q_seg, 1, bq), _blocks(q_pos, 1, bq))
+    _, (o, lse, lo, hi) = jax.lax.scan(q_block, None, xs)
+    return _unblocks(o, 3), (lse, lo, hi)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -225,47 +246,44 @@ def _blockwise_core_fwd(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv
 
 def _blockwise_core_bwd(causal, scale, bq, bk, res, do):
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, o, lse, lo, hi = res
-    b, tp, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
+    b, hkv, g, tp, d = q.shape
     f32 = jnp.float32
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij (the softmax backward's row term)
-    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1).reshape(b, tp, hkv, g)
-    delta = jnp.einsum("bthg->bhgt", delta)  # (B,Hkv,G,Tp)
+    delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)   # (B,Hkv,G,Tp)
 
     def q_block(carry, xs):
         dk_acc, dv_acc = carry
         qi, doi, qs, qp, lse_i, delta_i, lo_i, hi_i = xs
+        bsz, h, gg, bqq, dd = qi.shape
+        q2, do2 = qi.reshape(bsz, h, gg * bqq, dd), doi.reshape(bsz, h, gg * bqq, dd)
 
         def kv_step(j, c):
             dq_i, dk_acc, dv_acc = c
             start = j * bk
             kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale)
             p = jnp.where(msk, jnp.exp(sc - lse_i[..., None]), 0.0)  # (B,Hkv,G,bq,bk)
-            dv_j = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do.dtype), doi, preferred_element_type=f32)
-            dp = jnp.einsum("bqhgd,bkhd->bhgqk", doi, vj, preferred_element_type=f32)
-            ds = p * (dp - delta_i[..., None])
-            dq_i = dq_i + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), kj,
-                                     preferred_element_type=f32) * scale
-            dk_j = jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q.dtype), qi, preferred_element_type=f32) * scale
+            p2 = p.reshape(bsz, h, gg * bqq, bk)
+            dv_j = jnp.einsum("bhqk,bhqd->bhkd", p2.astype(do.dtype), do2, preferred_element_type=f32)
+            dp = jnp.einsum("bhqd,bhkd->bhqk", do2, vj, preferred_element_type=f32).reshape(p.shape)
+            ds = (p * (dp - delta_i[..., None])).reshape(p2.shape)
+            dq_i = dq_i + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kj, preferred_element_type=f32) * scale
+            dk_j = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), q2, preferred_element_type=f32) * scale
             dk_acc = jax.lax.dynamic_update_slice_in_dim(
-                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, start, bk, axis=1) + dk_j, start, axis=1)
+                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, start, bk, axis=2) + dk_j, start, axis=2)
             dv_acc = jax.lax.dynamic_update_slice_in_dim(
-                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, start, bk, axis=1) + dv_j, start, axis=1)
+                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, start, bk, axis=2) + dv_j, start, axis=2)
             return dq_i, dk_acc, dv_acc
 
-        init = (jnp.zeros((b, bq, hkv, g, d), f32), dk_acc, dv_acc)
+        init = (jnp.zeros((bsz, h, gg * bqq, dd), f32), dk_acc, dv_acc)
         dq_i, dk_acc, dv_acc = jax.lax.fori_loop(lo_i, hi_i, kv_step, init)
-        return (dk_acc, dv_acc), dq_i.astype(q.dtype)
+        return (dk_acc, dv_acc), dq_i.reshape(qi.shape).astype(q.dtype)
 
-    sp = k.shape[1]
-    zeros_kv = jnp.zeros((b, sp, hkv, d), f32)
-    xs = (_q_blocks(q.reshape(b, tp, hkv, g, d), bq), _q_blocks(do.reshape(b, tp, hkv, g, d), bq),
-          _q_blocks(q_seg, bq), _q_blocks(q_pos, bq),
-          lse, jnp.moveaxis(delta.reshape(b, hkv, g, tp // bq, bq), 3, 0), lo, hi)
+    sp = k.shape[2]
+    zeros_kv = jnp.zeros((b, hkv, sp, d), f32)
+    xs = (_blocks(q, 3, bq), _blocks(do, 3, bq), _blocks(q_seg, 1, bq), _blocks(q_pos, 1, bq),
+          lse, _blocks(delta, 3, bq), lo, hi)
     (dk, dv), dq = jax.lax.scan(q_block, (zeros_kv, zeros_kv), xs)
-    dq = _from_q_blocks(dq).reshape(b, tp, hq, d)
-    return (dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
+    return (_unblocks(dq, 3), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
 
 
 _blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
