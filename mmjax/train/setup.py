@@ -194,9 +194,10 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
     frozen_sh = state_lib.param_shardings(frozen, mesh)
     rest_sh = repl
     init = lambda p: step_lib.init_state(p, tx, cfg.seed)
-    state_sh = state_lib.param_shardings(jax.eval_shape(init, trainable), mesh)
+    abstract_state = jax.eval_shape(init, trainable)
+    state_sh = state_lib.param_shardings(abstract_state, mesh)
     if abstract:
-        state = jax.tree.map(_with_sharding, jax.eval_shape(init, trainable), state_sh)
+        state = jax.tree.map(_with_sharding, abstract_state, state_sh)
         frozen = jax.tree.map(_with_sharding, frozen, frozen_sh)
     else:
         trainable = jax.device_put(trainable, trainable_sh)
