@@ -360,8 +360,9 @@ def test_grad_accum_matches_one_big_batch(assets):
         assert float(np.abs(g4 - g1).max()) <= 1e-4 * float(np.abs(g1).max()) + 1e-7 * norm, name
 
 
+@pytest.mark.parametrize("transpose_head", [False, True])
 @pytest.mark.parametrize("chunk", [4, 7, 20, 64])
-def test_chunked_cross_entropy_matches_plain(chunk):
+def test_chunked_cross_entropy_matches_plain(chunk, transpose_head):
     b, t, h, v = 2, 10, 8, 37
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     hidden = jax.random.normal(k[0], (b, t, h))
@@ -374,8 +375,9 @@ def test_chunked_cross_entropy_matches_plain(chunk):
         s, ws, c = loss_lib.cross_entropy(hd @ w, targets, weights)
         return s, (ws, c)
 
-    def chunked(hd, w):
-        s, ws, c = loss_lib.chunked_cross_entropy(hd, lambda x: x @ w, targets, weights, chunk)
+    def chunked(hd, w):   # the tied layout stores the head (vocab, hidden)
+        s, ws, c = loss_lib.chunked_cross_entropy(hd, w.T if transpose_head else w, targets, weights, chunk,
+                                                  transpose_head=transpose_head)
         return s, (ws, c)
 
     (s0, (w0, c0)), g0 = jax.value_and_grad(plain, argnums=(0, 1), has_aux=True)(hidden, head)
@@ -387,6 +389,11 @@ def test_chunked_cross_entropy_matches_plain(chunk):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
     # an ignored position has no gradient
     np.testing.assert_array_equal(np.asarray(g1[0])[0, :3], 0.0)
+    # not differentiated (evaluation): the same sums
+    s2, _, c2 = loss_lib.chunked_cross_entropy(hidden, head.T if transpose_head else head, targets, weights, chunk,
+                                               transpose_head=transpose_head)
+    np.testing.assert_allclose(s2, s0, rtol=1e-5)
+    assert int(c2) == int(c0)
 
 
 def test_shift_targets_never_crosses_segments():

@@ -22,7 +22,7 @@ from flax import nnx
 from mmjax.models import attention as attn_lib
 from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, apply_rope, cache_write,
                                  init_kv_cache, normal_init, param, positions_from_mask, rope_cos_sin,
-                                 scan_layers, stacked)
+                                 scan_layers, stacked, token_matmul)
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
@@ -219,12 +219,16 @@ class CausalLM(nnx.Module):
                             index=index + jnp.asarray(embeds.shape[1], jnp.int32))
         return self.final_norm(x), new_cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def output_head(self) -> tuple[jax.Array, bool]:
+        """The output projection in the compute dtype and whether it is stored (vocab, hidden)
+        (a tied input embedding) rather than (hidden, vocab)."""
         if self.cfg.tie_word_embeddings:
-            w = self.embed_tokens[...].astype(self.dtype)
-            return jnp.einsum("bth,vh->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
-        w = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("bth,hv->btv", hidden.astype(self.dtype), w, preferred_element_type=jnp.float32)
+            return self.embed_tokens[...].astype(self.dtype), True
+        return self.lm_head[...].astype(self.dtype), False
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        w, transposed = self.output_head()
+        return token_matmul(hidden.astype(self.dtype), w, transpose_w=transposed, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,

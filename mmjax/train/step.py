@@ -40,8 +40,10 @@ def micro_loss(model, micro: dict, rng, chunk_size: int, train: bool = True):
     """(sum of w * CE, sum of w, correct supervised tokens, mismatch flag) for one micro-batch."""
     hidden, mismatch = model_hidden(model, micro, rng, train)
     targets, weights = loss_lib.shift_targets(micro["labels"], micro["loss_weights"], micro["segment_ids"])
+    lm = language_model(model)
+    head, transposed = lm.output_head()
     lsum, wsum, correct = loss_lib.chunked_cross_entropy(
-        hidden, language_model(model).logits, targets, weights, chunk_size)
+        hidden.astype(lm.dtype), head, targets, weights, chunk_size, transpose_head=transposed)
     return lsum, wsum, correct, mismatch
 
 
