@@ -22,7 +22,7 @@ from flax import nnx
 from mmjax.models import attention as attn_lib
 from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, apply_rope, cache_write,
                                  init_kv_cache, normal_init, param, positions_from_mask, rope_cos_sin,
-                                 scan_layers, stacked, token_matmul)
+                                 scan_layers, stacked, swiglu, token_matmul)
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
@@ -142,7 +142,7 @@ class MLP(nnx.Module):
         else:
             y = self.gate_up_proj(x)
             gate, up = y[..., :self.cfg.intermediate_size], y[..., self.cfg.intermediate_size:]
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nnx.Module):

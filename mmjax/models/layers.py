@@ -139,9 +139,54 @@ class LayerNorm(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
+# The activations are custom_vjp functions that keep only their inputs for the backward pass and
+# recompute the derivative there (elementwise, cheap). Autodiff of the plain expressions stores
+# their intermediates too: measured on the compare_torch model's train step, the ViT's GELU
+# kept four (layers, tiles, 1025, 1536) float32 arrays alive (1.15 GiB) where two suffice, the
+# decoder's SwiGLU five (layers, tokens, 1536) arrays where three do (inputs and the product).
+
+
+@jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
     """GELU with erf (PyTorch ``nn.GELU()`` / ``ACT2FN['gelu']``), not the tanh approximation."""
     return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu_exact(x), x
+
+
+def _gelu_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (2.0 ** -0.5)))
+    pdf = jnp.exp(-0.5 * xf * xf) * ((2.0 * math.pi) ** -0.5)
+    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` (the Llama / Qwen / InternLM2 / Phi-3 MLP's gated activation)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+    gate, up = res
+    g = gate.astype(jnp.float32)
+    s = jax.nn.sigmoid(g)
+    d = dy.astype(jnp.float32)
+    d_up = d * (g * s)
+    d_gate = d * up.astype(jnp.float32) * s * (1.0 + g * (1.0 - s))
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 # --------------------------------------------------------------------------------------------
