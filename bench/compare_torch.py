@@ -178,6 +178,7 @@ def mmjax_config(args, rows: int, tokens: int, tiles_per_row: int):
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = args.remat
     c.model.attention = args.attention
+    c.model.vit_attention = args.vit_attention
     c.freeze.backbone = False
     c.data.template = "qwen3"     # unused: the batches are built here
     c.data.batch_size = rows
@@ -282,6 +283,7 @@ def spawn(args, side: str, part: str, shape: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--part", part, "--model_dir", args.model_dir,
            "--steps", str(args.steps), "--mix_samples", str(args.mix_samples), "--mix_batch", str(args.mix_batch),
            "--pack", str(args.pack), "--pack_tiles", str(args.pack_tiles), "--attention", args.attention,
+           "--vit_attention", args.vit_attention,
            "--remat", args.remat]
     if shape:
         cmd += ["--shape", shape]
@@ -313,6 +315,7 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=int, default=8192, help="mmjax: tokens per packed row in (b)")
     p.add_argument("--pack_tiles", type=int, default=24, help="mmjax: tile budget per packed row in (b)")
     p.add_argument("--attention", default="blockwise", help="mmjax decoder attention backend")
+    p.add_argument("--vit_attention", default="blockwise", help="mmjax ViT attention backend")
     p.add_argument("--remat", default="none", help="mmjax remat policy")
     p.add_argument("--model_dir", default=str(RESULTS / "compare_torch_model"))
     p.add_argument("--child", choices=("torch", "mmjax"), help=argparse.SUPPRESS)
@@ -362,7 +365,7 @@ def main(argv=None) -> int:
         if j == 0:
             print("-+-".join("-" * w for w in widths))
     out = dict(bench="compare_torch", time=time.strftime("%Y-%m-%dT%H:%M:%S"), quick=args.quick, steps=args.steps,
-               attention=args.attention, remat=args.remat, cpu_count=os.cpu_count(), platform=platform.platform(),
+               attention=args.attention, vit_attention=args.vit_attention, remat=args.remat, cpu_count=os.cpu_count(), platform=platform.platform(),
                rows=rows)
     path = RESULTS / "compare_torch.json"
     path.write_text(json.dumps(out, indent=2))

@@ -39,7 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0
     c.model.remat = "full"            # none | full | dots | dots_saveable
     c.model.attention = "blockwise"   # a backend of mmjax.models.attention: xla | blockwise (memory linear in T)
-    c.model.attention_block = 512     # blockwise tile; blocks with no visible key are skipped
+    c.model.attention_block = 512     # blockwise tile bound; blocks with no visible key are skipped
+    # the ViT's backend over its 1,025-token tiles. blockwise with one block a tile keeps no
+    # (tiles, heads, 1025, 1025) scores for the backward pass (xla keeps them: ~0.2 GiB a layer
+    # for 8 tiles) at the price of recomputing them
+    c.model.vit_attention = "blockwise"
+    c.model.vit_attention_block = 0   # 0: a whole tile in one block
     c.model.img_context_token_id = -1  # -1: the tokenizer's <IMG_CONTEXT> (set only to plan without a tokenizer)
 
     c.freeze = ml_collections.ConfigDict()

@@ -173,8 +173,9 @@ def test_blockwise_visits_only_visible_key_blocks():
         for s in np.unique(seg):
             pos[seg == s] = np.arange(np.sum(seg == s))
         seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+        mode = attention._Mask(causal=True, segmented=True)
         return [tuple(int(x) for x in attention._kv_block_range(seg[:, i:i + 16], pos[:, i:i + 16], seg, pos,
-                                                              True, 16)) for i in range(0, seg.shape[1], 16)]
+                                                              mode, 16)) for i in range(0, seg.shape[1], 16)]
 
     assert ranges([1] * 64) == [(0, 1), (0, 2), (0, 3), (0, 4)]
     assert ranges([1] * 16 + [2] * 32 + [3] * 16) == [(0, 1), (1, 2), (1, 3), (3, 4)]
@@ -198,6 +199,34 @@ def test_every_backend_matches_xla_on_packed_rows(name):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         assert_close(a, b)
     assert np.all(np.asarray(got[0])[2] == 0)   # a padding-only row gives zeros
+
+
+@pytest.mark.parametrize("block", [16, 45, 512])
+@pytest.mark.parametrize("name", sorted(attention.BACKENDS))
+def test_every_backend_full_attention_matches_softmax(name, block):
+    """``attend_full`` (the ViT's bidirectional, unmasked attention over whole tiles): values and
+    gradients against a plain float32 softmax, T not a multiple of the block (padded keys must
+    not be seen)."""
+    q, k, v, ct = qkv(11)
+
+    def plain(q, k, v):
+        k, v = jnp.repeat(k, HQ // HKV, axis=2), jnp.repeat(v, HQ // HKV, axis=2)
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * SCALE, axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    ref = value_and_grads(plain, q, k, v, ct)
+    got = value_and_grads(lambda q, k, v: attention.get_backend(name).attend_full(q, k, v, scale=SCALE, block=block),
+                          q, k, v, ct)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert_close(a, b)
+
+
+def test_balanced_block_pads_less_than_a_token_per_tile():
+    for n, block in [(1025, 512), (45, 16), (4096, 512), (7, 512), (1025, 1025)]:
+        bq = attention.balanced_block(block, n)
+        tiles = -(-n // bq)
+        assert bq <= block and tiles == -(-n // min(block, n)) and tiles * bq - n < tiles, (n, block, bq)
+    assert attention.balanced_block(512, 1025) == 342
 
 
 def leaks(attend) -> bool:

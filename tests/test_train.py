@@ -506,6 +506,16 @@ def test_batch_size_not_divisible_by_grad_accum(assets, tmp_path):
     validate_config(tiny_config(**{"data.batch_size": 4, "grad_accum": 2}))  # fine
 
 
+def test_attention_knobs_are_validated_and_reach_the_vit():
+    for key, bad in [("model.vit_attention", "flash9"), ("model.vit_attention_block", -1), ("model.attention", "nope")]:
+        with pytest.raises(ConfigError, match=key.split(".")[1]):
+            model_options(tiny_config(**{key: bad}))
+    opts = model_options(tiny_config(**{"model.vit_attention": "xla", "model.vit_attention_block": 64}))
+    from mmjax.models.internvit import InternViTConfig
+    vit = opts.apply_vision(InternViTConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128))
+    assert (vit.attention, vit.attention_block) == ("xla", 64)
+
+
 def test_missing_model_path_gives_download_hint(tmp_path):
     missing = tmp_path / "pretrained" / "InternVL2-1B"
     cfg = tiny_config(**{"synthetic.enabled": False, "model_path": str(missing)})

@@ -11,8 +11,9 @@ after the query's. Every backend computes exactly that; they differ in memory an
 
 A backend is a :class:`Backend` in :data:`BACKENDS`: ``prepare(segment_ids, positions)`` builds
 what the layers share (once per forward pass, outside the layer scan) and ``attend(q, k, v,
-prepared, scale=, block=)`` runs one layer's attention. Backends for accelerator kernels register
-here too, so the model code never names one.
+prepared, scale=, block=)`` runs one layer's causal attention; ``attend_full(q, k, v, scale=,
+block=)`` is the bidirectional, unmasked attention of the ViT over its tiles. Backends for
+accelerator kernels register here too, so the model code never names one.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     the scores tile by tile from the saved log-sum-exp (flash-attention style: nothing of size T x S
     is stored for the backward). Per query block only the contiguous range of key blocks that holds a
     visible key is visited (causal upper-triangle blocks and blocks of other packed samples are
-    skipped); T and S need not be multiples of the block sizes (padded internally). Block sizes
-    default to the module's ``BLOCKWISE_BLOCK_SIZE`` (read at call time) and shrink to T / S when
-    those are shorter.
+    skipped). Block sizes default to the module's ``BLOCKWISE_BLOCK_SIZE`` (read at call time) and
+    are upper bounds: T (S) is split into as many equal tiles as the block needs
+    (:func:`balanced_block`), padded internally by less than one token per tile.
     """
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -130,7 +131,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if kv_positions is None else kv_positions
     block_q = BLOCKWISE_BLOCK_SIZE if block_q is None else block_q
     block_kv = BLOCKWISE_BLOCK_SIZE if block_kv is None else block_kv
-    bq, bk = max(1, min(int(block_q), t)), max(1, min(int(block_kv), s))
+    bq, bk = balanced_block(block_q, t), balanced_block(block_kv, s)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
 
     def pad(x, n):  # pad axis 1 to n with zeros (segment 0 = padding: never attended, zero output)
@@ -141,26 +142,51 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     g = hq // hkv
     qh = jnp.moveaxis(pad(q, tp).reshape(b, tp, hkv, g, d), 1, 3)
     kh, vh = jnp.moveaxis(pad(k, sp), 1, 2), jnp.moveaxis(pad(v, sp), 1, 2)
-    out = _blockwise_core(bool(causal), scale, bq, bk, qh, kh, vh,
+    mode = _Mask(causal=bool(causal), segmented=q_segment_ids is not None)
+    out = _blockwise_core(mode, scale, bq, bk, qh, kh, vh,
                           pad(q_seg.astype(jnp.int32), tp), pad(kv_seg.astype(jnp.int32), sp),
                           pad(q_pos.astype(jnp.int32), tp), pad(kv_pos.astype(jnp.int32), sp))
     return jnp.moveaxis(out, 3, 1).reshape(b, tp, hq, d)[:, :t]
 
 
-def _tile_mask(qs, qp, ks, kp, causal):
-    """(B, bq) query and (B, bk) key segment ids / positions -> (B, 1, 1, bq, bk) visibility."""
-    m = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)
-    if causal:
+def balanced_block(block: int, n: int) -> int:
+    """The tile for ``n`` tokens: as many tiles as ``block`` needs, made equal, so padding stays
+    below one token per tile (a 1,025-token ViT tile with block 512 gets three tiles of 342, not
+    three of 512 with a third of the work on padding)."""
+    block = max(1, min(int(block), n))
+    return -(-n // -(-n // block))
+
+
+class _Mask(NamedTuple):
+    """What a tile's visibility depends on (static): causal order, and segment ids (packed rows);
+    without segments only the kernel's own key padding (segment 0) is masked, as one key vector."""
+
+    causal: bool
+    segmented: bool
+
+
+def _visible(qs, qp, ks, kp, mode: _Mask):
+    """(B, bq) query and (B, n) key segment ids / positions -> visibility, (B, bq, n) or, with
+    neither segments nor causality, the (B, 1, n) key mask that broadcasts over the queries."""
+    m = ks[:, None, :] != 0
+    if mode.segmented:
+        m = m & (qs[:, :, None] == ks[:, None, :])
+    if mode.causal:
         m = m & (kp[:, None, :] <= qp[:, :, None])
-    return m[:, None, None]
+    return m
 
 
-def _kv_block_range(qs, qp, ks, kp, causal, bk):
+def _tile_mask(qs, qp, ks, kp, mode: _Mask):
+    """(B, 1, 1, bq | 1, bk) visibility of a tile."""
+    return _visible(qs, qp, ks, kp, mode)[:, None, None]
+
+
+def _kv_block_range(qs, qp, ks, kp, mode: _Mask, bk):
     """[lo, hi) key-block range holding every key visible from a query block (empty: lo = hi = 0)."""
-    m = (qs[:, :, None] == ks[:, None, :]) & (ks[:, None, :] != 0)  # (B, bq, S); reduced right away
-    if causal:
-        m = m & (kp[:, None, :] <= qp[:, :, None])
     nk = ks.shape[1] // bk
+    if not (mode.segmented or mode.causal):   # every block holds real keys: the padding is < one block
+        return jnp.zeros((), jnp.int32), jnp.asarray(nk, jnp.int32)
+    m = _visible(qs, qp, ks, kp, mode)  # (B, bq, S); reduced right away
     vis = jnp.any(m.reshape(m.shape[0], m.shape[1], nk, bk), axis=(0, 1, 3))  # (nk,)
     lo = jnp.argmax(vis).astype(jnp.int32)
     hi = (nk - jnp.argmax(vis[::-1])).astype(jnp.int32)
@@ -181,7 +207,7 @@ def _unblocks(x, axis):
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale):
+def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, mode, scale):
     """Key block ``[start, start + bk)`` against query block ``qi`` (B, Hkv, G, bq, D): the block's
     keys and values (B, Hkv, bk, D), its visibility mask and its masked float32 scores
     (B, Hkv, G, bq, bk); shared by the forward pass and the recomputing backward pass."""
@@ -190,7 +216,7 @@ def _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale):
     vj = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2)
     ks = jax.lax.dynamic_slice_in_dim(kv_seg, start, bk, axis=1)
     kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, bk, axis=1)
-    msk = _tile_mask(qs, qp, ks, kp, causal)
+    msk = _tile_mask(qs, qp, ks, kp, mode)
     # the G query heads of a KV head share its keys: one (G * bq, D) x (D, bk) product
     sc = jnp.einsum("bhqd,bhkd->bhqk", qi.reshape(b, h, g * bq, d), kj,
                     preferred_element_type=jnp.float32).reshape(b, h, g, bq, bk) * scale
@@ -204,17 +230,17 @@ def _rows_times(p, x):
                       preferred_element_type=jnp.float32).reshape(b, h, g, bq, x.shape[-1])
 
 
-def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+def _blockwise_forward(mode, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
     b, hkv, g, tp, d = q.shape
     f32 = jnp.float32
 
     def q_block(_, xs):
         qi, qs, qp = xs  # (B,Hkv,G,bq,D), (B,bq), (B,bq)
-        lo, hi = _kv_block_range(qs, qp, kv_seg, kv_pos, causal, bk)
+        lo, hi = _kv_block_range(qs, qp, kv_seg, kv_pos, mode, bk)
 
         def kv_step(j, carry):
             m, l, acc = carry
-            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, j * bk, bk, causal, scale)
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, j * bk, bk, mode, scale)
             m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
             p = jnp.where(msk, jnp.exp(sc - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
@@ -235,21 +261,24 @@ def _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _blockwise_core(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    return _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
+def _blockwise_core(mode, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    return _blockwise_forward(mode, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)[0]
 
 
-def _blockwise_core_fwd(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-    o, (lse, lo, hi) = _blockwise_forward(causal, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
+def _blockwise_core_fwd(mode, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    o, (lse, lo, hi) = _blockwise_forward(mode, scale, bq, bk, q, k, v, q_seg, kv_seg, q_pos, kv_pos)
     return o, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, o, lse, lo, hi)
 
 
-def _blockwise_core_bwd(causal, scale, bq, bk, res, do):
+def _blockwise_core_bwd(mode, scale, bq, bk, res, do):
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, o, lse, lo, hi = res
     b, hkv, g, tp, d = q.shape
     f32 = jnp.float32
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij (the softmax backward's row term)
     delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1)   # (B,Hkv,G,Tp)
+    # computed once, here: XLA:CPU otherwise fuses this reduction into the dS product's consumer
+    # and recomputes it for every score (measured: the ViT's dS fusion took 0.5 s a layer, not ~0.05)
+    delta = jax.lax.optimization_barrier(delta)
 
     def q_block(carry, xs):
         dk_acc, dv_acc = carry
@@ -260,7 +289,7 @@ def _blockwise_core_bwd(causal, scale, bq, bk, res, do):
         def kv_step(j, c):
             dq_i, dk_acc, dv_acc = c
             start = j * bk
-            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, causal, scale)
+            kj, vj, msk, sc = _score_tile(qi, qs, qp, k, v, kv_seg, kv_pos, start, bk, mode, scale)
             p = jnp.where(msk, jnp.exp(sc - lse_i[..., None]), 0.0)  # (B,Hkv,G,bq,bk)
             p2 = p.reshape(bsz, h, gg * bqq, bk)
             dv_j = jnp.einsum("bhqk,bhqd->bhkd", p2.astype(do.dtype), do2, preferred_element_type=f32)
@@ -302,6 +331,7 @@ class Backend:
     name: str
     prepare: Callable[[jax.Array, jax.Array], Any]
     attend: Callable[..., jax.Array]
+    attend_full: Callable[..., jax.Array]   # (q, k, v, *, scale, block): bidirectional, no mask
     doc: str = ""
 
 
@@ -312,6 +342,15 @@ def _xla_prepare(segment_ids, positions):
 def _xla_attend(q, k, v, mask, *, scale, block):
     del block
     return dot_product_attention(q, k, v, mask, scale=scale)
+
+
+def _xla_attend_full(q, k, v, *, scale, block):
+    del block
+    return dot_product_attention(q, k, v, None, scale=scale)
+
+
+def _blockwise_attend_full(q, k, v, *, scale, block):
+    return blockwise_attention(q, k, v, causal=False, scale=scale, block_q=block, block_kv=block)
 
 
 def _blockwise_attend(q, k, v, seg: PackedSegments, *, scale, block):
@@ -329,8 +368,8 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
-register(Backend("xla", _xla_prepare, _xla_attend, "dense float32 scores under a mask (reference)"))
-register(Backend("blockwise", PackedSegments, _blockwise_attend,
+register(Backend("xla", _xla_prepare, _xla_attend, _xla_attend_full, "dense float32 scores under a mask (reference)"))
+register(Backend("blockwise", PackedSegments, _blockwise_attend, _blockwise_attend_full,
                  "exact tiled attention, online softmax, O(T * block) memory"))
 
 

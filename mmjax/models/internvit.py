@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.models.attention import dot_product_attention
-from mmjax.models.layers import Dense, LayerNorm, RMSNorm, gelu_exact, param, scan_layers, stacked
+from mmjax.models import attention as attn_lib
+from mmjax.models.layers import Dense, LayerNorm, RMSNorm, gelu_exact, param, scan_layers, stacked, token_matmul
 from mmjax.weights.rules import TensorRule
 
 Dtype = Any
@@ -55,8 +55,12 @@ class InternViTConfig:
     drop_path_rate: float = 0.0            # DropPath rates = linspace(0, rate, num_layers)
     hidden_act: str = "gelu"
     remat: str = "none"                    # policy name in layers.REMAT_POLICIES
+    attention: str = "xla"                 # a backend of mmjax.models.attention (its attend_full)
+    attention_block: int = 0               # tile bound of tiled backends (0: the whole sequence)
 
     def __post_init__(self):
+        if self.attention not in attn_lib.BACKENDS:
+            raise ValueError(f"attention must be one of {sorted(attn_lib.BACKENDS)}, got {self.attention!r}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -213,7 +217,7 @@ class PatchEmbedding(nnx.Module):
         gh, gw = h // p, w // p
         x = pixels.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p * c)
         k = self.kernel[...].reshape(p * p * c, -1)
-        y = jnp.dot(x.astype(self.dtype), k.astype(self.dtype))
+        y = token_matmul(x.astype(self.dtype), k.astype(self.dtype))
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -221,6 +225,7 @@ class ViTAttention(nnx.Module):
     def __init__(self, cfg: InternViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         c = cfg.hidden_size
         self.num_heads, self.head_dim, self.layout = cfg.num_heads, cfg.head_dim, cfg.qkv_layout
+        self.attention, self.attention_block = cfg.attention, cfg.attention_block
         dense = functools.partial(Dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.qkv_layout == "fused":
             self.qkv = dense(c, 3 * c, axes=("vit_embed", "vit_heads"), use_bias=cfg.qkv_bias)
@@ -244,7 +249,8 @@ class ViTAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         shape = (n, t, self.num_heads, self.head_dim)
-        o = dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), None)
+        o = attn_lib.get_backend(self.attention).attend_full(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                                              scale=self.head_dim ** -0.5, block=self.attention_block or t)
         return self.proj(o.reshape(n, t, c))
 
 

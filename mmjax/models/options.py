@@ -1,6 +1,6 @@
 """Run-time model options: the choices a training run makes that no checkpoint's config.json holds.
 
-``ModelOptions`` is the one typed path by which remat, the attention backend and its block, ViT
+``ModelOptions`` is the one typed path by which remat, the attention backends and their block, ViT
 drop path and the ``<IMG_CONTEXT>`` token id reach a model: ``from_pretrained(..., options=)`` and
 ``weights.layouts.model_factory(..., options=)`` apply it to the family configs they read, and it
 validates every field once, when it is built (the trainer builds it from ``config.model``).
@@ -18,8 +18,10 @@ from mmjax.models.layers import REMAT_POLICIES
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     remat: str | None = None                 # a policy in layers.REMAT_POLICIES, for every layer stack
-    attention: str | None = None             # the decoder's backend (attention.BACKENDS); ViT tiles use xla
-    attention_block: int | None = None       # query / key tile of tiled backends
+    attention: str | None = None             # the decoder's backend (attention.BACKENDS)
+    attention_block: int | None = None       # query / key tile of tiled backends (decoder and ViT)
+    vit_attention: str | None = None         # the ViT's backend over its tiles (attention.BACKENDS)
+    vit_attention_block: int | None = None   # the ViT's tile bound (0: a whole image tile in one block)
     drop_path_rate: float | None = None      # InternViT stochastic depth (training only)
     img_context_token_id: int | None = None  # the id the data pipeline writes for image slots
 
@@ -28,6 +30,11 @@ class ModelOptions:
             raise ValueError(f"remat={self.remat!r}: choose one of {sorted(REMAT_POLICIES)}")
         if self.attention is not None and self.attention not in BACKENDS:
             raise ValueError(f"attention={self.attention!r}: choose one of {sorted(BACKENDS)}")
+        if self.vit_attention is not None and self.vit_attention not in BACKENDS:
+            raise ValueError(f"vit_attention={self.vit_attention!r}: choose one of {sorted(BACKENDS)}")
+        if self.vit_attention_block is not None and (not _is_int(self.vit_attention_block)
+                                                     or self.vit_attention_block < 0):
+            raise ValueError(f"vit_attention_block={self.vit_attention_block!r}: must be an integer >= 0")
         if self.attention_block is not None and (not _is_int(self.attention_block) or self.attention_block < 1):
             raise ValueError(f"attention_block={self.attention_block!r}: must be an integer >= 1")
         if self.drop_path_rate is not None and not 0.0 <= float(self.drop_path_rate) < 1.0:
@@ -57,8 +64,12 @@ class ModelOptions:
         return dataclasses.replace(cfg, **kw) if kw else cfg
 
     def apply_vision(self, cfg):
-        """A ViT config (``InternViTConfig``) with these options (its attention stays xla: tiles are short)."""
+        """A ViT config (``InternViTConfig``) with these options."""
         kw = {}
+        if self.vit_attention is not None:
+            kw["attention"] = self.vit_attention
+        if self.vit_attention_block is not None:
+            kw["attention_block"] = int(self.vit_attention_block)
         if self.remat is not None:
             kw["remat"] = self.remat
         if self.drop_path_rate is not None:
