@@ -325,6 +325,30 @@ def test_vit_lora_with_unfreeze_vit_layers_trains_every_adapter(assets):
     assert adapters >= 4 and base > 0   # qkv, proj, fc1, fc2 adapters; the last layer's base weights
 
 
+@pytest.mark.parametrize("vit_lora", [False, True])
+def test_vit_layers_after_select_layer_get_no_decay_and_no_update(assets, vit_lora):
+    """InternVL reads hidden_states[select_layer]: the layers after it get no gradient, and PyTorch's
+    AdamW skips a parameter without one (no weight decay either). With ``select_layer=-2`` on the
+    tiny 2-layer ViT, layer 1 (base weights and adapters) must stay put while layer 0 trains."""
+    config = json.loads((assets / "assets" / "init" / "config.json").read_text())
+    config["select_layer"] = -2
+    extra = {"optim.weight_decay": 0.1, "optim.warmup_ratio": 0.0, "total_steps": 4}
+    if vit_lora:
+        extra.update({"lora.vit_rank": 2, "lora.dropout": 0.0})
+    run = build_run(tiny_config(**extra), workdir=str(assets), hf_config=config)
+    flat0, st = _train_steps(run, 2)
+    checked = 0
+    for path, new in jax.tree_util.tree_flatten_with_path(st.params)[0]:
+        name, old, new = state_lib.path_str(path), flat0[path], np.asarray(new)
+        if not name.startswith("vision_model/layers"):
+            continue
+        np.testing.assert_array_equal(new[1], old[1], err_msg=name)   # after select_layer: untouched
+        if "/lora_a" not in name:      # lora_a of layer 0 moves only once lora_b is non-zero
+            assert not np.array_equal(new[0], old[0]), name           # layer 0 trains
+        checked += 1
+    assert checked >= (8 if vit_lora else 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradient accumulation, cross-entropy
 

@@ -327,16 +327,22 @@ class InternViT(nnx.Module):
         # positions are resized in float32 and cast to the compute dtype before the add (as upstream)
         return x.astype(self.dtype) + self.position_embeddings(h // p, w // p).astype(self.dtype)
 
+    def layers_read(self, select_layer: int = -1) -> int:
+        """How many layers (the first ones) the features of ``select_layer`` depend on; the layers
+        after them never run and never receive a gradient."""
+        n = self.cfg.num_layers
+        k = n + 1 + select_layer if select_layer < 0 else select_layer
+        if not 0 <= k <= n:
+            raise ValueError(f"select_layer out of range for {n} layers")
+        return k
+
     def __call__(self, pixel_values: jax.Array, select_layer: int = -1, *, deterministic: bool = True,
                  rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
         """Features of ``select_layer`` without CLS. DropPath runs only with ``deterministic=False``
         and a key (``rngs`` an ``nnx.Rngs`` with a ``dropout`` stream, or a PRNG key)."""
         cfg = self.cfg
         n_layers = cfg.num_layers
-        if select_layer < 0:
-            select_layer = n_layers + 1 + select_layer
-        if not 0 <= select_layer <= n_layers:
-            raise ValueError(f"select_layer out of range for {n_layers} layers")
+        select_layer = self.layers_read(select_layer)
         use_drop = (not deterministic) and cfg.drop_path_rate > 0.0
         if use_drop and rngs is None:
             raise ValueError("deterministic=False with drop_path_rate > 0 needs rngs (a key or nnx.Rngs)")

@@ -191,6 +191,10 @@ class InternVL(nnx.Module):
         x = self.vision_model(pixel_values, cfg.select_layer, deterministic=deterministic, rngs=rngs)
         return self.mlp1(projector.pixel_shuffle(x, cfg.downsample_ratio, cfg.ps_version))
 
+    def vision_layers_read(self) -> int:
+        """ViT layers the image features depend on (layers after ``select_layer`` get no gradient)."""
+        return self.vision_model.layers_read(self.cfg.select_layer)
+
     def check_image_tokens(self, input_ids, pixel_values=None, image_flags=None) -> None:
         """Raise ValueError when the inputs are concrete and the context-token count does not match."""
         if not _is_concrete(input_ids, image_flags):

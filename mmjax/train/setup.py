@@ -188,7 +188,8 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
     graphdef, trainable, frozen, rest = nnx.split(model, state_lib.trainable_filter(freeze, has_vision), nnx.Param, ...)
     frozen = _cast_floating(frozen, model_dtype(cfg.model.frozen_param_dtype))
     tx, schedule = optim_lib.make_optimizer(cfg.optim, total_steps)
-    update_mask = state_lib.vit_layer_mask(trainable, freeze, has_vision)
+    update_mask = state_lib.vit_layer_mask(trainable, freeze, has_vision,
+                                           model.vision_layers_read() if has_vision else None)
 
     repl = state_lib.replicated(mesh)
     trainable_sh = state_lib.param_shardings(trainable, mesh)

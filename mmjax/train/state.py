@@ -61,27 +61,42 @@ def trainable_filter(freeze, has_vision: bool) -> Callable[[tuple, Any], bool]:
     return f
 
 
-def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool):
-    """Per-leaf multiplier (or None) zeroing the updates of ViT base weights that stay frozen when
-    only the layers ``[unfreeze_vit_layers:]`` of a frozen backbone train. The frozen layers of that
-    one stacked array keep (zero) optimizer state: the price of scanning the ViT as one stack.
-    LoRA adapters are never masked: they train in every layer they were added to."""
+def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool, layers_read: int | None = None):
+    """Per-leaf multiplier (or None) on the updates of the stacked ViT layers, for the layers that
+    do not train in this configuration although their stacked array does:
+
+    * base weights of layers a frozen backbone keeps when only ``[unfreeze_vit_layers:]`` train;
+    * every leaf (LoRA factors too) of the layers after ``select_layer`` (the first ``layers_read``
+      layers are all the features depend on): they never receive a gradient, so, as PyTorch's
+      AdamW skips a parameter without a gradient, they get neither weight decay nor an update.
+
+    The masked layers keep (zero) optimizer state: the price of scanning the ViT as one stack.
+    LoRA adapters of the layers that run are never masked."""
     k = int(freeze.get("unfreeze_vit_layers", 0) or 0)
-    if not (has_vision and freeze.backbone and k):
+    partial_backbone = bool(has_vision and freeze.backbone and k)
+    if not has_vision or (not partial_backbone and layers_read is None):
         return None
+    masked = False
 
     def m(path, x):
+        nonlocal masked
         keys = [str(p.key) for p in path if hasattr(p, "key")]   # dict keys (the Variable's .value dropped)
-        if len(keys) > 2 and keys[0] == "vision_model" and keys[1] == "layers" and keys[-1] not in LORA_LEAVES:
-            n = x.shape[0]
+        if not (len(keys) > 2 and keys[0] == "vision_model" and keys[1] == "layers"):
+            return None
+        n = x.shape[0]
+        idx = np.arange(n)
+        keep = idx < (n if layers_read is None else layers_read)
+        if partial_backbone and keys[-1] not in LORA_LEAVES:
             # upstream slices encoder.layers[k:]: k = -2 trains the last two, k = 20 layers 20..
-            first = k if k >= 0 else n + k
-            first = max(0, min(n, first))
-            mask = (np.arange(n) >= first).astype(np.float32)
-            return jnp.asarray(mask).reshape((n,) + (1,) * (x.ndim - 1))
-        return None
+            first = max(0, min(n, k if k >= 0 else n + k))
+            keep &= idx >= first
+        if keep.all():
+            return None
+        masked = True
+        return jnp.asarray(keep.astype(np.float32)).reshape((n,) + (1,) * (x.ndim - 1))
 
-    return jax.tree_util.tree_map_with_path(m, trainable)
+    mask = jax.tree_util.tree_map_with_path(m, trainable)
+    return mask if masked else None
 
 
 # names of LoRA factor leaves (mmjax.models.lora): trainable wherever they are
