@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data.batch import IGNORE_INDEX
+from mmjax.models.layers import token_matmul
 
 
 def shift_targets(labels: jax.Array, loss_weights: jax.Array, segment_ids: jax.Array | None = None):
@@ -32,18 +33,18 @@ def shift_targets(labels: jax.Array, loss_weights: jax.Array, segment_ids: jax.A
 
 
 def _token_ce(logits: jax.Array, targets: jax.Array):
-    """Per-token CE and correctness from float32 logits (..., V)."""
+    """Per-token CE, correctness and log-sum-exp from float32 logits (..., V)."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     safe = jnp.where(targets == IGNORE_INDEX, 0, targets)
     tgt = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     correct = jnp.argmax(logits, axis=-1) == safe
-    return lse - tgt, correct
+    return lse - tgt, correct, lse
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     """Reference (un-chunked): returns (sum of w * CE, sum of w, count of correct supervised tokens)."""
-    ce, correct = _token_ce(logits, targets)
+    ce, correct, _ = _token_ce(logits, targets)
     valid = targets != IGNORE_INDEX
     return jnp.sum(ce * weights), jnp.sum(weights), jnp.sum(correct & valid)
 
@@ -75,11 +76,6 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     return loss_sum, jnp.sum(w), n_correct
 
 
-def _chunk_logits(hc: jax.Array, head: jax.Array, transpose_head: bool) -> jax.Array:
-    dims = (((1,), (1,)), ((), ())) if transpose_head else (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(hc, head, dims, preferred_element_type=jnp.float32)
-
-
 def _ce_scan(h, head, t, w, transpose_head: bool, with_grads: bool):
     """Scan over the chunks: (loss sum, correct count) and, ``with_grads``, the gradients of the
     loss sum w.r.t. ``h`` (per chunk) and ``head`` (accumulated in float32)."""
@@ -88,22 +84,21 @@ def _ce_scan(h, head, t, w, transpose_head: bool, with_grads: bool):
     def body(carry, xs):
         loss, correct, dhead = carry
         hc, tc, wc = xs
-        logits = _chunk_logits(hc, head, transpose_head)
-        ce, corr = _token_ce(logits, tc)
+        logits = token_matmul(hc, head, transpose_w=transpose_head, preferred_element_type=f32)
+        ce, corr, lse = _token_ce(logits, tc)
         loss = loss + jnp.sum(ce * wc)
         correct = correct + jnp.sum(corr & (tc != IGNORE_INDEX))
         if not with_grads:
             return (loss, correct, dhead), None
         safe = jnp.where(tc == IGNORE_INDEX, 0, tc)
-        p = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        p = jnp.exp(logits - lse[:, None])
         g = (p - jax.nn.one_hot(safe, logits.shape[-1], dtype=f32)) * wc[:, None]
         gc = g.astype(hc.dtype)
-        if transpose_head:    # logits = hc @ head.T: d hc = g @ head, d head = g.T @ hc
-            dh = jnp.dot(gc, head, preferred_element_type=f32)
-            dhead = dhead + jax.lax.dot_general(gc, hc, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-        else:                 # logits = hc @ head: d hc = g @ head.T, d head = hc.T @ g
-            dh = jax.lax.dot_general(gc, head, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-            dhead = dhead + jax.lax.dot_general(hc, gc, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+        # logits = hc @ head (head.T when tied): d hc = g @ head.T (g @ head), d head = hc.T @ g (g.T @ hc)
+        dh = token_matmul(gc, head, transpose_w=not transpose_head, preferred_element_type=f32)
+        tokens = (((0,), (0,)), ((), ()))   # the contraction over the chunk's tokens
+        dhead = dhead + (jax.lax.dot_general(gc, hc, tokens, preferred_element_type=f32) if transpose_head
+                         else jax.lax.dot_general(hc, gc, tokens, preferred_element_type=f32))
         return (loss, correct, dhead), dh.astype(hc.dtype)
 
     init = (jnp.zeros((), f32), jnp.zeros((), jnp.int32), jnp.zeros(head.shape if with_grads else (), f32))

@@ -76,10 +76,8 @@ def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool, layers_read: 
     partial_backbone = bool(has_vision and freeze.backbone and k)
     if not has_vision or (not partial_backbone and layers_read is None):
         return None
-    masked = False
 
     def m(path, x):
-        nonlocal masked
         keys = [str(p.key) for p in path if hasattr(p, "key")]   # dict keys (the Variable's .value dropped)
         if not (len(keys) > 2 and keys[0] == "vision_model" and keys[1] == "layers"):
             return None
@@ -92,11 +90,10 @@ def vit_layer_mask(trainable: nnx.State, freeze, has_vision: bool, layers_read: 
             keep &= idx >= first
         if keep.all():
             return None
-        masked = True
         return jnp.asarray(keep.astype(np.float32)).reshape((n,) + (1,) * (x.ndim - 1))
 
     mask = jax.tree_util.tree_map_with_path(m, trainable)
-    return mask if masked else None
+    return mask if jax.tree.leaves(mask) else None   # None leaves are empty subtrees
 
 
 # names of LoRA factor leaves (mmjax.models.lora): trainable wherever they are
