@@ -420,6 +420,36 @@ def test_chunked_cross_entropy_matches_plain(chunk, transpose_head):
     assert int(c2) == int(c0)
 
 
+@pytest.mark.parametrize("supervised", [0, 1, 5])
+def test_chunked_cross_entropy_skips_chunks_without_targets(supervised):
+    """Rows that are mostly prompt / image / padding: the supervised tokens are gathered first and
+    the chunks left without one are skipped; sums and gradients are those of the plain loss (and
+    all zero with nothing supervised)."""
+    b, t, h, v, chunk = 2, 24, 8, 37, 4
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    hidden = jax.random.normal(k[0], (b, t, h))
+    head = jax.random.normal(k[1], (h, v)) * 0.5
+    keep = np.zeros((b, t), bool)
+    keep[np.unravel_index(np.random.default_rng(0).choice(b * t, supervised, replace=False), (b, t))] = True
+    targets = jnp.where(jnp.asarray(keep), jax.random.randint(k[2], (b, t), 0, v), IGNORE_INDEX)
+    weights = jnp.where(jnp.asarray(keep), jax.random.uniform(k[3], (b, t)) + 0.5, 0.0)
+
+    def plain(hd, w):
+        return loss_lib.cross_entropy(hd @ w, targets, weights)[0]
+
+    def chunked(hd, w):
+        return loss_lib.chunked_cross_entropy(hd, w, targets, weights, chunk)[0]
+
+    s0, g0 = jax.value_and_grad(plain, argnums=(0, 1))(hidden, head)
+    s1, g1 = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, head)
+    np.testing.assert_allclose(s1, s0, rtol=1e-5)
+    for a, b_ in zip(g1, g0):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-6)
+    assert (float(s1) > 0) == (supervised > 0)
+    # only the supervised positions' hidden states get a gradient
+    np.testing.assert_array_equal(np.abs(np.asarray(g1[0])).sum(-1) > 0, keep)
+
+
 def test_shift_targets_never_crosses_segments():
     labels = np.array([[10, 11, 12, 13, 20, 21, 22, 30, 0, 0],
                        [40, -100, 42, 43, 44, 50, 51, 52, 53, 54]])

@@ -59,10 +59,19 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     also forms each chunk's logit gradient ``w * (softmax - onehot)`` while the logits are at hand
     and reduces it at once into the hidden-state and head gradients: three (tokens x vocab) products
     per chunk, never a recomputation of the logits in the backward pass (which a checkpointed chunk
-    costs: a fourth product, ~25 % of the head's work)."""
+    costs: a fourth product, ~25 % of the head's work).
+
+    Only tokens with a target (or a weight) need logits: prompts, image tokens and padding do not.
+    They are gathered first (a stable permutation, so the result is the same sum over the same
+    tokens), and a chunk holding none of them is skipped at run time (``lax.cond``): the head's
+    work follows the supervised tokens, not the row length, with every shape still static."""
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     w = weights.reshape(-1).astype(jnp.float32)
+    needed = (t != IGNORE_INDEX) | (w != 0)
+    order = jnp.argsort(jnp.logical_not(needed).astype(jnp.int32), stable=True)
+    h, t, w = h[order], t[order], w[order]
+    n_needed = jnp.sum(needed.astype(jnp.int32))
     n = h.shape[0]
     chunk_size = min(chunk_size, n)
     pad = (-n) % chunk_size
@@ -71,17 +80,26 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
         t = jnp.concatenate([t, jnp.full((pad,), IGNORE_INDEX, t.dtype)])
         w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
     k = h.shape[0] // chunk_size
+    active = jnp.arange(k, dtype=jnp.int32) * chunk_size < n_needed
     loss_sum, n_correct = _fused_ce(h.reshape(k, chunk_size, -1), head, t.reshape(k, chunk_size),
-                                    w.reshape(k, chunk_size), transpose_head)
+                                    w.reshape(k, chunk_size), active, transpose_head)
     return loss_sum, jnp.sum(w), n_correct
 
 
-def _ce_scan(h, head, t, w, transpose_head: bool, with_grads: bool):
+def _ce_scan(h, head, t, w, active, transpose_head: bool, with_grads: bool):
     """Scan over the chunks: (loss sum, correct count) and, ``with_grads``, the gradients of the
-    loss sum w.r.t. ``h`` (per chunk) and ``head`` (accumulated in float32)."""
+    loss sum w.r.t. ``h`` (per chunk) and ``head`` (accumulated in float32). A chunk whose
+    ``active`` flag is off (no token of it needs logits) is skipped."""
     f32 = jnp.float32
 
+    def skip(carry, xs):
+        return carry, (jnp.zeros_like(xs[0]) if with_grads else None)
+
     def body(carry, xs):
+        *xs, on = xs
+        return jax.lax.cond(on, chunk, skip, carry, tuple(xs))
+
+    def chunk(carry, xs):
         loss, correct, dhead = carry
         hc, tc, wc = xs
         logits = token_matmul(hc, head, transpose_w=transpose_head, preferred_element_type=f32)
@@ -102,25 +120,25 @@ def _ce_scan(h, head, t, w, transpose_head: bool, with_grads: bool):
         return (loss, correct, dhead), dh.astype(hc.dtype)
 
     init = (jnp.zeros((), f32), jnp.zeros((), jnp.int32), jnp.zeros(head.shape if with_grads else (), f32))
-    (loss, correct, dhead), dh = jax.lax.scan(body, init, (h, t, w))
+    (loss, correct, dhead), dh = jax.lax.scan(body, init, (h, t, w, active))
     return loss, correct, dh, dhead
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_ce(h, head, t, w, transpose_head):
-    loss, correct, _, _ = _ce_scan(h, head, t, w, transpose_head, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_ce(h, head, t, w, active, transpose_head):
+    loss, correct, _, _ = _ce_scan(h, head, t, w, active, transpose_head, with_grads=False)
     return loss, correct
 
 
-def _fused_ce_fwd(h, head, t, w, transpose_head):
-    loss, correct, dh, dhead = _ce_scan(h, head, t, w, transpose_head, with_grads=True)
+def _fused_ce_fwd(h, head, t, w, active, transpose_head):
+    loss, correct, dh, dhead = _ce_scan(h, head, t, w, active, transpose_head, with_grads=True)
     return (loss, correct), (dh, dhead.astype(head.dtype))
 
 
 def _fused_ce_bwd(transpose_head, res, cotangents):
     dh, dhead = res
     g = cotangents[0]
-    return (g.astype(dh.dtype) * dh, g.astype(dhead.dtype) * dhead, None, None)
+    return (g.astype(dh.dtype) * dh, g.astype(dhead.dtype) * dhead, None, None, None)
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
