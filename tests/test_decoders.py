@@ -310,3 +310,36 @@ def test_fixture_saves_hf_directory(name, tmp_path):
     assert set(saved) == set(tensors)
     for k, v in tensors.items():
         np.testing.assert_array_equal(saved[k], v)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "gelu_exact", "swiglu"])
+def test_custom_vjp_layers_match_autodiff(name):
+    """The norms and activations that recompute their backward pass from their inputs give the
+    gradients autodiff gives the plain expressions (float32, relative to the gradient's scale)."""
+    from mmjax.models import layers as L
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(k[0], (3, 7, 16)) * 3.0 + 1.0
+    w, b = jax.random.normal(k[1], (16,)), jax.random.normal(k[2], (16,))
+    up = jax.random.normal(k[3], (3, 7, 16))
+
+    def rms_plain(x, w):
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6)
+        return y * w
+
+    def ln_plain(x, w, b):
+        m = x.mean(-1, keepdims=True)
+        return (x - m) * jax.lax.rsqrt(jnp.mean(jnp.square(x - m), -1, keepdims=True) + 1e-6) * w + b
+
+    fns = {"rms_norm": ((lambda x, w: L.rms_norm(x, w, 1e-6)), rms_plain, (x, w)),
+           "layer_norm": ((lambda x, w, b: L.layer_norm(x, w, b, 1e-6)), ln_plain, (x, w, b)),
+           "gelu_exact": (L.gelu_exact, lambda x: jax.nn.gelu(x, approximate=False), (x,)),
+           "swiglu": (L.swiglu, lambda g, u: jax.nn.silu(g) * u, (x, up))}
+    got_fn, want_fn, args = fns[name]
+    dy = jax.random.normal(k[4], x.shape)
+    got, got_vjp = jax.vjp(got_fn, *args)
+    want, want_vjp = jax.vjp(want_fn, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    for a, c in zip(got_vjp(dy), want_vjp(dy)):
+        scale = float(jnp.abs(c).max())
+        assert scale > 0
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * scale)

@@ -18,6 +18,7 @@ Conventions (see docs/architecture.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -110,9 +111,7 @@ class RMSNorm(nnx.Module):
         self.weight = param(jnp.ones((dim,), param_dtype), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 class LayerNorm(nnx.Module):
@@ -126,12 +125,75 @@ class LayerNorm(nnx.Module):
         self.bias = param(jnp.zeros((dim,), param_dtype), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+# The norms are custom_vjp functions too (see the activations below): their backward pass keeps
+# the input and the weights and recomputes the per-token statistics (one reduction), where
+# autodiff of the plain expressions stores the float32 input, the normalized tensor and the
+# product with the weight: (layers, tokens, hidden) arrays for every norm of a scanned stack.
+
+
+def _sum_leading(x: jax.Array) -> jax.Array:
+    """The weight gradient's reduction over every token, accumulated in float32."""
+    return jnp.sum(x.reshape(-1, x.shape[-1]).astype(jnp.float32), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``weight * cast(x * rsqrt(mean(x^2) + eps))``, the statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def _rms_norm_fwd(x, weight, eps):
+    return rms_norm(x, weight, eps), (x, weight)
+
+
+def _rms_norm_bwd(eps, res, dy):
+    x, weight = res
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    n = x32 * r
+    dw = _sum_leading(dy * n.astype(x.dtype)).astype(weight.dtype)
+    dn = (dy * weight.astype(x.dtype)).astype(jnp.float32)
+    dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), dw
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """``(x - mean) * rsqrt(var + eps) * weight + bias`` in float32, output in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _layer_norm_fwd(x, weight, bias, eps):
+    return layer_norm(x, weight, bias, eps), (x, weight, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+    x, weight, bias = res
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    n = xc * r
+    d32 = dy.astype(jnp.float32)
+    dn = d32 * weight.astype(jnp.float32)
+    dx = r * (dn - jnp.mean(dn, axis=-1, keepdims=True) - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+    return (dx.astype(x.dtype), _sum_leading(d32 * n).astype(weight.dtype),
+            _sum_leading(d32).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 # --------------------------------------------------------------------------------------------
