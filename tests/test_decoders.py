@@ -343,3 +343,39 @@ def test_custom_vjp_layers_match_autodiff(name):
         scale = float(jnp.abs(c).max())
         assert scale > 0
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("chunk", [8, 12])
+def test_token_chunk_skips_padding(chunk):
+    """``token_chunk``: the per-token work in chunks, padding-only chunks skipped. Hidden states at
+    the real positions and every parameter gradient equal the whole-row path's; embeddings of NaN
+    in the padding-only chunks leave everything finite (they were not computed), where the
+    whole-row path lets them reach the gradients."""
+    ids, seg, pos = pack([tokens(20, 1), tokens(17, 2)], T)   # 37 real tokens of 64
+    ids, seg, pos = (jnp.asarray(np.stack([x, x])) for x in (ids, seg, pos))
+    n_real = 37
+    last_real_chunk_end = -(-n_real // chunk) * chunk
+    def grads(lm, poison):
+        graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
+
+        def loss(p):
+            m = nnx.merge(graphdef, p, rest)
+            e = m.embed(ids)
+            if poison:
+                e = e.at[:, last_real_chunk_end:].set(jnp.nan)
+            h, _ = m.decode_embeds(e, seg, pos)
+            h = jnp.where((seg != 0)[..., None], h, 0.0)
+            return jnp.sum(h * jax.random.normal(jax.random.PRNGKey(1), h.shape)), h
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, h0), g0 = grads(load("qwen3"), False)
+    (_, h1), g1 = grads(load("qwen3", token_chunk=chunk), True)
+    assert np.isfinite(np.asarray(h1)).all()
+    np.testing.assert_allclose(h1, h0, rtol=1e-5, atol=1e-5 * float(np.std(h0)))
+    scale = float(np.sqrt(sum(np.sum(np.square(np.asarray(b, np.float64))) for b in jax.tree.leaves(g0))))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isfinite(a).all()
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-6 * scale
+    (_, _), g_nan = grads(load("qwen3"), True)
+    assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g_nan))

@@ -129,6 +129,52 @@ def test_dummy_tile_dropped(hf_pair):
     assert not bad and _rel(other, base) > 1e-3
 
 
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_tile_chunk_skips_padding_tiles(hf_pair, chunk):
+    """Empty tile slots are never encoded: with ``tile_chunk`` the logits and every gradient equal
+    the one-batch path's, and padding tiles full of NaN (which the one-batch path's backward turns
+    into NaN weight gradients) leave everything finite, so they were skipped, not computed."""
+    model, _ = hf_pair
+    ids, px = _inputs()
+    nan = np.full((1,) + px.shape[1:], np.nan, np.float32)
+    # real tiles in slots 1, 3, 4; in real-first order the padding slot 0 shares the group of the
+    # last real tile when chunk = 2 (it is computed, so it holds zeros), slots 2 and 5 form groups
+    # of their own (NaN: they must not be computed)
+    px6 = np.concatenate([np.zeros_like(nan), px[:1], nan, px[1:], nan], axis=0)
+    flags = np.array([0, 1, 0, 1, 1, 0], np.int32)
+    probe = jax.random.normal(jax.random.PRNGKey(0), (2, 20, fx.VOCAB_SIZE))
+
+    def loss_and_grads(m, pixels):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+        def loss(p):
+            logits, bad = nnx.merge(graphdef, p, rest).forward(
+                jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_flags=jnp.asarray(flags))
+            return jnp.sum(logits * probe), (logits, bad)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    def with_chunk(c):
+        m = nnx.merge(*nnx.split(model))
+        m.cfg = dataclasses.replace(model.cfg, tile_chunk=c)
+        return m
+
+    (_, (base, bad0)), g0 = loss_and_grads(with_chunk(0), np.nan_to_num(px6))
+    (_, (got, bad)), g = loss_and_grads(with_chunk(chunk), px6)
+    assert not bad0 and not bad
+    np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-5 * float(np.std(base)))
+    vit = [np.asarray(x) for x in jax.tree.leaves(g["vision_model"])]
+    assert all(np.isfinite(x).all() for x in vit) and any(np.abs(x).max() > 0 for x in vit)
+    # per tensor, relative to its own norm, with a floor at the whole gradient's scale (a tensor
+    # whose gradient is ~0 holds float32 rounding only)
+    scale = float(np.sqrt(sum(np.sum(np.square(np.asarray(b, np.float64))) for b in jax.tree.leaves(g0))))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-6 * scale
+    # the one-batch path does compute the padding tiles: their NaN reaches the ViT's gradients
+    (_, _), g_nan = loss_and_grads(with_chunk(0), px6)
+    assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g_nan["vision_model"]))
+
+
 def test_count_mismatch_raises(hf_pair):
     model, _ = hf_pair
     ids, px = _inputs()

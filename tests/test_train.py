@@ -561,13 +561,22 @@ def test_batch_size_not_divisible_by_grad_accum(assets, tmp_path):
 
 
 def test_attention_knobs_are_validated_and_reach_the_vit():
-    for key, bad in [("model.vit_attention", "flash9"), ("model.vit_attention_block", -1), ("model.attention", "nope")]:
+    for key, bad in [("model.vit_attention", "flash9"), ("model.vit_attention_block", -1), ("model.attention", "nope"),
+                     ("model.token_chunk", -2), ("model.vit_tile_chunk", -1)]:
         with pytest.raises(ConfigError, match=key.split(".")[1]):
             model_options(tiny_config(**{key: bad}))
-    opts = model_options(tiny_config(**{"model.vit_attention": "xla", "model.vit_attention_block": 64}))
+    opts = model_options(tiny_config(**{"model.vit_attention": "xla", "model.vit_attention_block": 64,
+                                        "model.token_chunk": 256, "model.vit_tile_chunk": 3}))
     from mmjax.models.internvit import InternViTConfig
     vit = opts.apply_vision(InternViTConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128))
     assert (vit.attention, vit.attention_block) == ("xla", 64)
+    # the chunk sizes reach the decoder and the InternVL composition
+    from mmjax.models import internvl
+    from mmjax.models.families import config_from_hf
+    from tests import hf_fixtures as F
+    text = config_from_hf(F.build("qwen3")[1])
+    ivl = opts.apply_internvl(internvl.InternVLConfig(vision=vit, text=text, layout="internvl_chat"))
+    assert (ivl.tile_chunk, ivl.text.token_chunk) == (3, 256)
 
 
 def test_missing_model_path_gives_download_hint(tmp_path):

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmjax.models import attention as attn_lib
-from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, apply_rope, cache_write,
-                                 init_kv_cache, normal_init, param, positions_from_mask, rope_cos_sin,
-                                 scan_layers, stacked, swiglu, token_matmul)
+from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, active_token_chunks,
+                                 apply_rope, cache_write, init_kv_cache, map_token_chunks, normal_init, param,
+                                 positions_from_mask, rope_cos_sin, scan_layers, stacked, swiglu, token_matmul)
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
@@ -50,6 +50,9 @@ class DecoderConfig:
     remat: str = "none"              # a name in layers.REMAT_POLICIES
     attention: str = "xla"           # a backend name in attention.BACKENDS (full forward; the KV cache uses xla)
     attention_block: int = 512       # blockwise backend tile (query and key); ~ the typical packed sample
+    # a full forward pass runs each layer's per-token work (norms, projections, MLP) in chunks of
+    # this many tokens and skips the chunks that hold only padding (0: the whole row at once)
+    token_chunk: int = 0
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -60,6 +63,8 @@ class DecoderConfig:
         attn_lib.get_backend(self.attention)   # raises naming the registered backends
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if not isinstance(self.token_chunk, int) or self.token_chunk < 0:
+            raise ValueError(f"token_chunk must be an integer >= 0, got {self.token_chunk!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -104,24 +109,32 @@ class Attention(nnx.Module):
             q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
         return q.reshape(b, t, hq, d), k.reshape(b, t, hkv, d), v.reshape(b, t, hkv, d)
 
-    def __call__(self, x, cos, sin, prepared, kv=None, index=None):
-        """``prepared``: the backend's per-forward object (``attention.Backend.prepare``) for a full
-        forward pass, or, with a KV cache (``kv``), the dense (B, 1, T, S) mask over the cache."""
+    def project(self, x, cos, sin):
+        """Per token: q, k, v with the q / k norms and the rotary embedding applied."""
         q, k, v = self.qkv(x)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        scale = self.cfg.head_dim ** -0.5
-        if kv is not None:
-            k = cache_write(kv[0], k, index)
-            v = cache_write(kv[1], v, index)
-            kv = (k, v)
-            out = attn_lib.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), prepared, scale=scale)
-        else:
-            out = attn_lib.get_backend(self.cfg.attention).attend(q, k.astype(q.dtype), v.astype(q.dtype), prepared,
-                                                                 scale=scale, block=self.cfg.attention_block)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, prepared):
+        """The full forward pass's attention through the configured backend: (B, T, q_dim)."""
+        out = attn_lib.get_backend(self.cfg.attention).attend(q, k.astype(q.dtype), v.astype(q.dtype), prepared,
+                                                             scale=self.cfg.head_dim ** -0.5,
+                                                             block=self.cfg.attention_block)
+        return out.reshape(out.shape[:2] + (-1,))
+
+    def __call__(self, x, cos, sin, prepared, kv=None, index=None):
+        """``prepared``: the backend's per-forward object (``attention.Backend.prepare``) for a full
+        forward pass, or, with a KV cache (``kv``), the dense (B, 1, T, S) mask over the cache."""
+        q, k, v = self.project(x, cos, sin)
+        if kv is None:
+            return self.o_proj(self.attend(q, k, v, prepared)), kv
+        k = cache_write(kv[0], k, index)
+        v = cache_write(kv[1], v, index)
+        out = attn_lib.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), prepared,
+                                             scale=self.cfg.head_dim ** -0.5)
         b, t = out.shape[:2]
-        return self.o_proj(out.reshape(b, t, -1)), kv
+        return self.o_proj(out.reshape(b, t, -1)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -157,6 +170,18 @@ class DecoderLayer(nnx.Module):
         x = x + a.astype(x.dtype)
         x = x + self.mlp(self.post_attention_norm(x)).astype(x.dtype)
         return x, kv
+
+    def forward_chunked(self, x, cos, sin, prepared, active, chunk: int):
+        """The full forward pass with the per-token work in token chunks, the chunks ``active``
+        marks as padding-only skipped (their outputs zeros: nothing reads a padding position)."""
+        q, k, v = map_token_chunks(lambda xc, cc, sc: self.attn.project(self.input_norm(xc), cc, sc),
+                                   active, chunk, x, cos, sin)
+
+        def rest(xc, ac):
+            h = xc + self.attn.o_proj(ac).astype(xc.dtype)
+            return h + self.mlp(self.post_attention_norm(h)).astype(h.dtype)
+
+        return map_token_chunks(rest, active, chunk, x, self.attn.attend(q, k, v, prepared))
 
 
 class CausalLM(nnx.Module):
@@ -197,8 +222,11 @@ class CausalLM(nnx.Module):
         x = embeds.astype(self.dtype)
         if cache is None:
             mask = attn_lib.get_backend(cfg.attention).prepare(segment_ids, positions)
+            active = active_token_chunks(segment_ids, cfg.token_chunk) if cfg.token_chunk else None
 
             def body(layer, h, _):
+                if active is not None:
+                    return layer.forward_chunked(h, cos, sin, mask, active, cfg.token_chunk), None
                 h, _ = layer(h, cos, sin, mask)
                 return h, None
 

@@ -49,6 +49,9 @@ class InternVLConfig:
     num_image_token: int | None = None         # tokens per tile; derived when None
     template: str | None = None
     projector_act: str = "gelu"
+    # training's ViT batching: tiles encoded this many at a time, real tiles first, a group with no
+    # real tile skipped at run time (0: every tile slot in one batch, padding tiles included)
+    tile_chunk: int = 0
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -57,6 +60,8 @@ class InternVLConfig:
         if self.ps_version not in projector.PS_VERSIONS:
             raise ValueError(f"ps_version must be one of {projector.PS_VERSIONS}, got {self.ps_version!r}")
         derived = int(self.vision.grid ** 2 * self.downsample_ratio ** 2)
+        if not isinstance(self.tile_chunk, int) or self.tile_chunk < 0:
+            raise ValueError(f"tile_chunk must be an integer >= 0, got {self.tile_chunk!r}")
         if self.num_image_token is None:
             object.__setattr__(self, "num_image_token", derived)
         elif self.num_image_token != derived:
@@ -185,11 +190,51 @@ class InternVL(nnx.Module):
     # ---- pieces ------------------------------------------------------------------------------
 
     def extract_features(self, pixel_values: jax.Array, *, deterministic: bool = True,
-                         rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-        """(num_tiles, H, W, 3) -> (num_tiles, num_image_token, hidden_llm)."""
+                         rngs: nnx.Rngs | jax.Array | None = None, real: jax.Array | None = None) -> jax.Array:
+        """(num_tiles, H, W, 3) -> (num_tiles, num_image_token, hidden_llm).
+
+        ``real`` (num_tiles,) bool marks the tiles that hold an image; with ``cfg.tile_chunk`` > 0
+        the others (a packed batch's empty tile slots) cost no ViT work and get zero features."""
         cfg = self.cfg
-        x = self.vision_model(pixel_values, cfg.select_layer, deterministic=deterministic, rngs=rngs)
-        return self.mlp1(projector.pixel_shuffle(x, cfg.downsample_ratio, cfg.ps_version))
+        if real is None or cfg.tile_chunk <= 0 or cfg.tile_chunk >= pixel_values.shape[0]:   # one group: no skip
+            x = self.vision_model(pixel_values, cfg.select_layer, deterministic=deterministic, rngs=rngs)
+            return self.mlp1(projector.pixel_shuffle(x, cfg.downsample_ratio, cfg.ps_version))
+        return self._encode_real_tiles(pixel_values, real, deterministic, rngs)
+
+    def _encode_real_tiles(self, pixel_values, real, deterministic, rngs):
+        """The tiles, real ones first (a stable order), in groups of ``tile_chunk`` under a
+        ``lax.scan``; a group past the last real tile is a ``lax.cond`` that returns zeros, so its
+        ViT and projector work (forward and backward) is skipped while every shape stays static."""
+        cfg = self.cfg
+        n = pixel_values.shape[0]
+        c = min(cfg.tile_chunk, n)
+        order = jnp.argsort(jnp.logical_not(real).astype(jnp.int32), stable=True)
+        px = pixel_values[order]
+        if n % c:
+            px = jnp.concatenate([px, jnp.zeros((c - n % c,) + px.shape[1:], px.dtype)])
+        groups = px.shape[0] // c
+        px = px.reshape((groups, c) + px.shape[1:])
+        active = jnp.arange(groups) * c < jnp.sum(real.astype(jnp.int32))
+        keys = None
+        if not deterministic and rngs is not None:
+            key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+            keys = jax.random.split(key, groups)
+        gv, sv = nnx.split(self.vision_model)
+        gm, sm = nnx.split(self.mlp1)
+
+        def encode(tiles, key):
+            x = nnx.merge(gv, sv)(tiles, cfg.select_layer, deterministic=deterministic, rngs=key)
+            return nnx.merge(gm, sm)(projector.pixel_shuffle(x, cfg.downsample_ratio, cfg.ps_version))
+
+        out = jax.eval_shape(encode, px[0], None if keys is None else keys[0])
+
+        def group(_, xs):
+            tiles, key, on = xs
+            return None, jax.lax.cond(on, encode, lambda *_: jnp.zeros(out.shape, out.dtype), tiles, key)
+
+        _, feats = jax.lax.scan(group, None, (px, keys, active))
+        feats = feats.reshape((groups * c,) + out.shape[1:])[:n]
+        return feats[jnp.argsort(order)]     # back to the slots' order
 
     def vision_layers_read(self) -> int:
         """ViT layers the image features depend on (layers after ``select_layer`` get no gradient)."""
@@ -229,7 +274,8 @@ class InternVL(nnx.Module):
         embeds = self.language_model.embed(input_ids)
         feats = None
         if pixel_values is not None:
-            feats = self.extract_features(pixel_values, deterministic=deterministic, rngs=rngs)
+            real = None if image_flags is None else image_flags.reshape(-1) != 0
+            feats = self.extract_features(pixel_values, deterministic=deterministic, rngs=rngs, real=real)
         return merge_image_features(input_ids, embeds, feats, image_flags, self.cfg.img_context_token_id)
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_flags=None, segment_ids=None,

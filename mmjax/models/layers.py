@@ -340,6 +340,48 @@ def scan_layers(layers: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[A
 
 
 
+def token_chunks(t: int, chunk: int) -> tuple[int, int]:
+    """(count, size) of the equal token chunks that split ``t`` tokens with size <= ``chunk``
+    (the last padded by less than one token per chunk)."""
+    n = -(-t // max(1, min(int(chunk), t)))
+    return n, -(-t // n)
+
+
+def active_token_chunks(segment_ids: jax.Array, chunk: int) -> jax.Array:
+    """(count,) bool: the token chunks (:func:`token_chunks`) that hold a real token (segment id
+    != 0) in some row."""
+    b, t = segment_ids.shape
+    n, c = token_chunks(t, chunk)
+    real = jnp.pad(segment_ids != 0, ((0, 0), (0, n * c - t)))
+    return jnp.any(real.reshape(b, n, c), axis=(0, 2))
+
+
+def map_token_chunks(fn: Callable[..., Any], active: jax.Array, chunk: int, *xs: jax.Array) -> Any:
+    """``fn`` (a per-token function of (B, c, ...) arrays) over the token chunks of the (B, T, ...)
+    arrays ``xs`` under ``lax.scan``; a chunk whose ``active`` flag is off is a ``lax.cond`` that
+    returns zeros, so its forward and backward work is skipped (a packed batch's trailing padding).
+    Returns ``fn``'s outputs with the chunks joined back to (B, T, ...)."""
+    b, t = xs[0].shape[:2]
+    n, c = token_chunks(t, chunk)
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2)) if n * c != t else x
+        return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+
+    parts = tuple(split(x) for x in xs)
+    out = jax.eval_shape(fn, *(p[0] for p in parts))
+
+    def skip(*_):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+    def body(_, step):
+        *chunk_xs, on = step
+        return None, jax.lax.cond(on, fn, skip, *chunk_xs)
+
+    _, ys = jax.lax.scan(body, None, (*parts, active))
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape((b, n * c) + y.shape[3:])[:, :t], ys)
+
+
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Positions 0..n-1 over the real tokens of each row (left or right padding); 0 on padding."""
     m = attention_mask.astype(jnp.int32)

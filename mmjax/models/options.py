@@ -20,8 +20,10 @@ class ModelOptions:
     remat: str | None = None                 # a policy in layers.REMAT_POLICIES, for every layer stack
     attention: str | None = None             # the decoder's backend (attention.BACKENDS)
     attention_block: int | None = None       # query / key tile of tiled backends (decoder and ViT)
+    token_chunk: int | None = None           # decoder tokens per chunk of per-token work; padding chunks skipped
     vit_attention: str | None = None         # the ViT's backend over its tiles (attention.BACKENDS)
     vit_attention_block: int | None = None   # the ViT's tile bound (0: a whole image tile in one block)
+    vit_tile_chunk: int | None = None        # tiles a ViT call encodes; empty tile slots skipped (0: all in one)
     drop_path_rate: float | None = None      # InternViT stochastic depth (training only)
     img_context_token_id: int | None = None  # the id the data pipeline writes for image slots
 
@@ -35,6 +37,10 @@ class ModelOptions:
         if self.vit_attention_block is not None and (not _is_int(self.vit_attention_block)
                                                      or self.vit_attention_block < 0):
             raise ValueError(f"vit_attention_block={self.vit_attention_block!r}: must be an integer >= 0")
+        if self.token_chunk is not None and (not _is_int(self.token_chunk) or self.token_chunk < 0):
+            raise ValueError(f"token_chunk={self.token_chunk!r}: must be an integer >= 0")
+        if self.vit_tile_chunk is not None and (not _is_int(self.vit_tile_chunk) or self.vit_tile_chunk < 0):
+            raise ValueError(f"vit_tile_chunk={self.vit_tile_chunk!r}: must be an integer >= 0")
         if self.attention_block is not None and (not _is_int(self.attention_block) or self.attention_block < 1):
             raise ValueError(f"attention_block={self.attention_block!r}: must be an integer >= 1")
         if self.drop_path_rate is not None and not 0.0 <= float(self.drop_path_rate) < 1.0:
@@ -60,8 +66,16 @@ class ModelOptions:
 
     def apply_text(self, cfg):
         """A decoder config (``DecoderConfig``) with these options."""
-        kw = {k: getattr(self, k) for k in ("remat", "attention", "attention_block") if getattr(self, k) is not None}
+        kw = {k: getattr(self, k) for k in ("remat", "attention", "attention_block", "token_chunk")
+              if getattr(self, k) is not None}
         return dataclasses.replace(cfg, **kw) if kw else cfg
+
+    def apply_internvl(self, cfg):
+        """An ``InternVLConfig`` with these options on its ViT, its decoder and its tile batching."""
+        kw = dict(vision=self.apply_vision(cfg.vision), text=self.apply_text(cfg.text))
+        if self.vit_tile_chunk is not None:
+            kw["tile_chunk"] = int(self.vit_tile_chunk)
+        return dataclasses.replace(cfg, **kw)
 
     def apply_vision(self, cfg):
         """A ViT config (``InternViTConfig``) with these options."""

@@ -43,7 +43,9 @@ def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
     m = cfg.model
     try:
         return ModelOptions(remat=m.remat, attention=m.attention, attention_block=int(m.attention_block),
+                            token_chunk=int(m.token_chunk),
                             vit_attention=m.vit_attention, vit_attention_block=int(m.vit_attention_block),
+                            vit_tile_chunk=int(m.vit_tile_chunk),
                             drop_path_rate=float(m.drop_path_rate), img_context_token_id=img_context_token_id)
     except ValueError as e:
         raise ConfigError(f"config.model.{e}") from None

@@ -240,7 +240,7 @@ def model_factory(layout: str, config: dict, directory: str | None = None, optio
         cfg = internvl.InternVLConfig.from_hf_internvl(config, image_token_id=tok, **overrides)
     else:
         raise ValueError(f"unknown layout {layout!r}")
-    cfg = dataclasses.replace(cfg, vision=options.apply_vision(cfg.vision), text=options.apply_text(cfg.text))
+    cfg = options.apply_internvl(cfg)
     return lambda dtype, param_dtype, rngs: internvl.InternVL(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
