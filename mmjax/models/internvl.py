@@ -30,6 +30,7 @@ from flax import nnx
 from mmjax.models import internvit, projector
 from mmjax.models.decoder import CausalLM, DecoderConfig, default_segments
 from mmjax.models.families import family_module
+from mmjax.models.layers import scan_skipping, true_first
 from mmjax.weights.rules import TensorRule
 
 LAYOUTS = ("internvl_chat", "hf")
@@ -162,7 +163,7 @@ def merge_image_features(input_ids: jax.Array, embeds: jax.Array, features: jax.
         return embeds, n_ctx != 0
     n, k, _ = features.shape
     flags = jnp.ones((n,), bool) if image_flags is None else (image_flags.reshape(n) != 0)
-    order = jnp.argsort(jnp.logical_not(flags).astype(jnp.int32), stable=True)   # real tiles first, in order
+    order = true_first(flags)                                                     # real tiles first, in order
     feats = features[order].reshape(n * k, h).astype(embeds.dtype)
     n_real = jnp.sum(flags.astype(jnp.int32)) * k
     idx = jnp.cumsum(sel.astype(jnp.int32)) - 1                                  # slot -> feature row
@@ -202,13 +203,13 @@ class InternVL(nnx.Module):
         return self._encode_real_tiles(pixel_values, real, deterministic, rngs)
 
     def _encode_real_tiles(self, pixel_values, real, deterministic, rngs):
-        """The tiles, real ones first (a stable order), in groups of ``tile_chunk`` under a
-        ``lax.scan``; a group past the last real tile is a ``lax.cond`` that returns zeros, so its
-        ViT and projector work (forward and backward) is skipped while every shape stays static."""
+        """The tiles, real ones first (a stable order), in groups of ``tile_chunk``; a group past
+        the last real tile is skipped (``layers.scan_skipping``: zeros, no ViT or projector work
+        forward or backward, static shapes)."""
         cfg = self.cfg
         n = pixel_values.shape[0]
         c = min(cfg.tile_chunk, n)
-        order = jnp.argsort(jnp.logical_not(real).astype(jnp.int32), stable=True)
+        order = true_first(real)
         px = pixel_values[order]
         if n % c:
             px = jnp.concatenate([px, jnp.zeros((c - n % c,) + px.shape[1:], px.dtype)])
@@ -226,14 +227,8 @@ class InternVL(nnx.Module):
             x = nnx.merge(gv, sv)(tiles, cfg.select_layer, deterministic=deterministic, rngs=key)
             return nnx.merge(gm, sm)(projector.pixel_shuffle(x, cfg.downsample_ratio, cfg.ps_version))
 
-        out = jax.eval_shape(encode, px[0], None if keys is None else keys[0])
-
-        def group(_, xs):
-            tiles, key, on = xs
-            return None, jax.lax.cond(on, encode, lambda *_: jnp.zeros(out.shape, out.dtype), tiles, key)
-
-        _, feats = jax.lax.scan(group, None, (px, keys, active))
-        feats = feats.reshape((groups * c,) + out.shape[1:])[:n]
+        feats = scan_skipping(encode, active, px, keys)
+        feats = feats.reshape((groups * c,) + feats.shape[2:])[:n]
         return feats[jnp.argsort(order)]     # back to the slots' order
 
     def vision_layers_read(self) -> int:

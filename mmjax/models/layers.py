@@ -356,11 +356,31 @@ def active_token_chunks(segment_ids: jax.Array, chunk: int) -> jax.Array:
     return jnp.any(real.reshape(b, n, c), axis=(0, 2))
 
 
+def true_first(mask: jax.Array) -> jax.Array:
+    """The stable permutation that puts the True entries of a 1-D ``mask`` first, in order."""
+    return jnp.argsort(jnp.logical_not(mask).astype(jnp.int32), stable=True)
+
+
+def scan_skipping(fn: Callable[..., Any], active: jax.Array, *xs: Any) -> Any:
+    """``fn`` over the leading (group) axis of ``xs`` under ``lax.scan``, outputs stacked; a group
+    whose ``active`` flag is off is a ``lax.cond`` that returns zeros, so its forward and backward
+    work is skipped while every shape stays static (no compute on padding, no recompilation)."""
+    out = jax.eval_shape(fn, *(jax.tree.map(lambda a: a[0], x) for x in xs))
+
+    def skip(*_):
+        return jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out)
+
+    def body(_, step):
+        *group, on = step
+        return None, jax.lax.cond(on, fn, skip, *group)
+
+    return jax.lax.scan(body, None, (*xs, active))[1]
+
+
 def map_token_chunks(fn: Callable[..., Any], active: jax.Array, chunk: int, *xs: jax.Array) -> Any:
     """``fn`` (a per-token function of (B, c, ...) arrays) over the token chunks of the (B, T, ...)
-    arrays ``xs`` under ``lax.scan``; a chunk whose ``active`` flag is off is a ``lax.cond`` that
-    returns zeros, so its forward and backward work is skipped (a packed batch's trailing padding).
-    Returns ``fn``'s outputs with the chunks joined back to (B, T, ...)."""
+    arrays ``xs``, a chunk whose ``active`` flag is off skipped (:func:`scan_skipping`: a packed
+    batch's trailing padding). Returns ``fn``'s outputs with the chunks joined back to (B, T, ...)."""
     b, t = xs[0].shape[:2]
     n, c = token_chunks(t, chunk)
 
@@ -368,17 +388,7 @@ def map_token_chunks(fn: Callable[..., Any], active: jax.Array, chunk: int, *xs:
         x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2)) if n * c != t else x
         return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
 
-    parts = tuple(split(x) for x in xs)
-    out = jax.eval_shape(fn, *(p[0] for p in parts))
-
-    def skip(*_):
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
-
-    def body(_, step):
-        *chunk_xs, on = step
-        return None, jax.lax.cond(on, fn, skip, *chunk_xs)
-
-    _, ys = jax.lax.scan(body, None, (*parts, active))
+    ys = scan_skipping(fn, active, *(split(x) for x in xs))
     return jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1).reshape((b, n * c) + y.shape[3:])[:, :t], ys)
 
 

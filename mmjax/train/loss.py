@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data.batch import IGNORE_INDEX
-from mmjax.models.layers import token_matmul
+from mmjax.models.layers import token_matmul, true_first
 
 
 def shift_targets(labels: jax.Array, loss_weights: jax.Array, segment_ids: jax.Array | None = None):
@@ -69,7 +69,7 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     t = targets.reshape(-1)
     w = weights.reshape(-1).astype(jnp.float32)
     needed = (t != IGNORE_INDEX) | (w != 0)
-    order = jnp.argsort(jnp.logical_not(needed).astype(jnp.int32), stable=True)
+    order = true_first(needed)
     h, t, w = h[order], t[order], w[order]
     n_needed = jnp.sum(needed.astype(jnp.int32))
     n = h.shape[0]
