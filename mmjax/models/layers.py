@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmjax.models.attention import balanced_block
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
@@ -342,9 +344,9 @@ def scan_layers(layers: nnx.Module, fn: Callable[[nnx.Module, Any, Any], tuple[A
 
 def token_chunks(t: int, chunk: int) -> tuple[int, int]:
     """(count, size) of the equal token chunks that split ``t`` tokens with size <= ``chunk``
-    (the last padded by less than one token per chunk)."""
-    n = -(-t // max(1, min(int(chunk), t)))
-    return n, -(-t // n)
+    (padding under one token a chunk: the tiling of :func:`attention.balanced_block`)."""
+    c = balanced_block(chunk, t)
+    return -(-t // c), c
 
 
 def active_token_chunks(segment_ids: jax.Array, chunk: int) -> jax.Array:
