@@ -61,8 +61,10 @@ def value_and_grads(fn, q, k, v, ct):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("block", [16, 32])
-def test_blockwise_matches_xla_packed(block, causal):
+@pytest.mark.parametrize("block,tile_bytes", [(16, None), (32, None), (16, 4096)])
+def test_blockwise_matches_xla_packed(block, causal, tile_bytes):
+    """tile_bytes=4096 takes the (row, KV head) pairs two at a time (a group holds heads of one row
+    or of two rows); None: all six in one call (one at a time: the uneven-blocks test)."""
     seg, pos = packed_rows()
     q, k, v, ct = qkv()
 
@@ -71,7 +73,7 @@ def test_blockwise_matches_xla_packed(block, causal):
 
     def bw(q, k, v):
         return blockwise_attention(q, k, v, seg, None, pos, pos, causal=causal, scale=SCALE,
-                                   block_q=block, block_kv=block)
+                                   block_q=block, block_kv=block, tile_bytes=tile_bytes)
 
     out_r, grads_r = value_and_grads(ref, q, k, v, ct)
     out_b, grads_b = value_and_grads(bw, q, k, v, ct)
@@ -98,7 +100,7 @@ def test_blockwise_uneven_blocks_and_longer_kv():
 
     def bw(q, k, v):
         return blockwise_attention(q, k, v, q_seg, seg, q_pos, pos, causal=True, scale=SCALE,
-                                   block_q=8, block_kv=16)
+                                   block_q=8, block_kv=16, tile_bytes=1)  # one pair a call
 
     out_r, grads_r = value_and_grads(ref, q, k, v, ct)
     out_b, grads_b = value_and_grads(bw, q, k, v, ct)
