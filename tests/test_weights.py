@@ -242,6 +242,86 @@ def test_sharding_fn_places_each_parameter(ckpts):
     assert stacked and all(s[0] == hf.LAYERS for s in stacked)     # whole stack placed once
 
 
+@pytest.mark.parametrize("xla_from", [0, 1 << 40])
+def test_shard_reader_reads_exactly_the_requested_slice(ckpts, monkeypatch, xla_from):
+    """A shard is read for any index: stacked parameters across their layer tensors, linear kernels
+    transposed (by XLA or numpy: ``xla_from`` moves the size threshold), whole HF rows read from the
+    file, other slices copied from the mapped tensor, cast to the parameter dtype."""
+    import ml_dtypes
+    from mmjax.weights import loader
+    from mmjax.weights.rules import to_mmjax
+    monkeypatch.setattr(loader, "XLA_TRANSPOSE_ELEMENTS", xla_from)
+    src, _ = ckpts("internlm2")
+    reader = ShardedReader(src)
+    model = layouts.build_abstract("causal_lm", json.load(open(os.path.join(src, "config.json"))))
+    by_path = {}
+    for key, (rule, layer) in layouts.weight_table(model).items():
+        by_path.setdefault(rule.path, (rule, {}))[1][layer] = key
+    rule, keys = by_path[("layers", "mlp", "gate_proj", "kernel")]       # stacked, linear
+    full = np.stack([to_mmjax(rule, reader.get(keys[i])) for i in range(hf.LAYERS)])
+    read = loader._shard_reader(reader, rule, keys, full.shape, np.dtype(np.float32))
+    for index in [(slice(None),) * 3,
+                  (slice(1, 2), slice(8, 40), slice(0, 56)),      # HF rows 0:56, columns 8:40: mapped copy
+                  (slice(None), slice(None), slice(56, 112)),     # whole HF rows 56:112: one readinto
+                  (slice(0, 1),)]:
+        np.testing.assert_array_equal(read(index), full[index])
+    rule, keys = by_path[("embed_tokens",)]                                  # plain, no transform
+    full = reader.get(keys[None])
+    read = loader._shard_reader(reader, rule, keys, full.shape, np.dtype(ml_dtypes.bfloat16))
+    got = read((slice(24, 48), slice(None)))
+    assert got.dtype == ml_dtypes.bfloat16 and got.shape == (24, full.shape[1])
+    np.testing.assert_array_equal(got, full[24:48].astype(ml_dtypes.bfloat16))
+
+
+def test_from_pretrained_places_each_parameter_on_the_mesh(ckpts, tmp_path):
+    """``mesh=``: every parameter arrives in the sharding of its logical axes (8 CPU devices, a
+    (2, 2, 2) mesh), with the values of a one-device load."""
+    src, _ = ckpts("internlm2")
+    script = tmp_path / "mesh_load.py"
+    script.write_text(f"""
+import numpy as np, jax
+from flax import nnx
+import mmjax
+from mmjax import sharding as shd
+from mmjax.train.state import param_shardings
+mesh = shd.make_mesh(2, 2, 2)
+one = nnx.to_flat_state(nnx.state(mmjax.from_pretrained({str(src)!r}), nnx.Param))
+model = mmjax.from_pretrained({str(src)!r}, mesh=mesh)
+params = nnx.state(model, nnx.Param)
+want = dict(nnx.to_flat_state(param_shardings(params, mesh)))
+split = 0
+for (path, var), (_, ref) in zip(nnx.to_flat_state(params), one):
+    x = var.get_value()
+    assert x.sharding == want[path].get_value(), (path, x.sharding, want[path].get_value())
+    assert len(x.addressable_shards) == 8
+    split += x.sharding.spec != jax.sharding.PartitionSpec(*[None] * x.ndim)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(ref.get_value()))
+print("OK", split, len(one))
+""")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ok, split, total = p.stdout.split()[-3:]
+    assert ok == "OK" and int(split) >= int(total) // 2     # most parameters are really split
+
+
+def test_replication_check_names_the_parameters_a_mesh_cannot_split():
+    from types import SimpleNamespace
+    from mmjax.sharding import ShardingError, check_replication
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 3, "tensor": 1})
+    leaves = [("embed", ("vocab", "embed"), (96, 64), np.float32),      # 64 % 3: not split
+              ("mlp", ("embed", "mlp"), (63, 112), np.float32),         # split
+              ("norm", ("norm",), (64,), np.float32)]                   # replicated by rule
+    with pytest.raises(ShardingError, match=r"30\.9% .* embed \(0\.0 MiB, 0\.0 MiB more per device\): "
+                                            r"dim 1 \(embed\) = 64 not divisible by 3"):
+        check_replication(leaves, mesh)
+    leaves[0] = ("embed", ("vocab", "embed"), (96, 63), np.float32)
+    leaves.append(("odd", ("embed",), (4,), np.float32))                # 16 bytes of 54 KiB: a warning
+    warnings = check_replication(leaves, mesh)
+    assert len(warnings) == 1 and "odd" in warnings[0] and "dim 0 (embed) = 4 not divisible by 3" in warnings[0]
+
+
 def test_model_without_record_is_savable(ckpts, tmp_path):
     """A model built from a config (no source record) saves from its own weight_rules.
 

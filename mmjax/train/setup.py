@@ -163,7 +163,8 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
     tokenizer = _load_tokenizer(cfg, required=with_data and not abstract)
     layout, config = _model_config(cfg, hf_config)
     options = model_options(cfg, _image_token_id(cfg, layout, tokenizer))
-    model = _build_model(cfg, layout, config, options, abstract=abstract, from_checkpoint=hf_config is None)
+    model = _build_model(cfg, layout, config, options, abstract=abstract, from_checkpoint=hf_config is None,
+                         mesh=mesh)
     has_vision = hasattr(model, "vision_model")
     use_lora = bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
 
@@ -193,6 +194,11 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
     update_mask = state_lib.vit_layer_mask(trainable, freeze, has_vision,
                                            model.vision_layers_read() if has_vision else None)
 
+    if mesh.size > 1:
+        try:
+            notes += shd.check_replication(state_lib.param_leaves(trainable) + state_lib.param_leaves(frozen), mesh)
+        except shd.ShardingError as e:
+            raise ConfigError(str(e)) from None
     repl = state_lib.replicated(mesh)
     trainable_sh = state_lib.param_shardings(trainable, mesh)
     frozen_sh = state_lib.param_shardings(frozen, mesh)
@@ -263,9 +269,11 @@ def _model_config(cfg, hf_config: dict | None) -> tuple[str, dict]:
     return layouts.detect_layout(config), config
 
 
-def _build_model(cfg, layout: str, config: dict, options: ModelOptions, *, abstract: bool, from_checkpoint: bool):
-    """The model (weights read from ``cfg.model_path`` when ``from_checkpoint``, random otherwise;
-    shapes only when ``abstract``), with the config's LoRA adapters."""
+def _build_model(cfg, layout: str, config: dict, options: ModelOptions, *, abstract: bool, from_checkpoint: bool,
+                 mesh: Mesh):
+    """The model (weights read from ``cfg.model_path`` when ``from_checkpoint``, each straight into
+    its sharding on ``mesh``; random otherwise; shapes only when ``abstract``), with the config's
+    LoRA adapters."""
     import mmjax
     from mmjax.weights import layouts
 
@@ -287,7 +295,7 @@ def _build_model(cfg, layout: str, config: dict, options: ModelOptions, *, abstr
         return layouts.abstract_model(lambda: with_lora(make(dtype, param_dtype, nnx.Rngs(cfg.seed))))
     if from_checkpoint:
         model = mmjax.from_pretrained(cfg.model_path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                      options=options)
+                                      options=options, mesh=mesh)
     else:
         model = make(dtype, param_dtype, nnx.Rngs(cfg.seed))
     return with_lora(model)

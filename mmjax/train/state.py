@@ -122,6 +122,15 @@ def param_shardings(state, mesh: Mesh):
     return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def param_leaves(state) -> list[tuple[str, Any, tuple, Any]]:
+    """``(name, logical axes, shape, dtype)`` of every parameter of an nnx.State (for the mesh checks)."""
+    out = []
+    for path, x in nnx.to_flat_state(state):
+        if isinstance(x, nnx.Variable):
+            out.append(("/".join(map(str, path)), x.get_metadata().get("out_sharding"), tuple(x.shape), x.dtype))
+    return out
+
+
 def replicated(mesh: Mesh):
     return NamedSharding(mesh, P())
 

@@ -44,6 +44,14 @@ def to_mmjax(rule: TensorRule, hf_tensor: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(hf_tensor.transpose(_PERMUTATIONS[rule.transform][0]))
 
 
+def mmjax_axes(rule: TensorRule, ndim: int) -> tuple[int, ...]:
+    """The permutation ``p`` with ``to_mmjax(rule, t) == t.transpose(p)`` for an ``ndim``-D tensor."""
+    if rule.transform not in _PERMUTATIONS:
+        return tuple(range(ndim))
+    perm = _PERMUTATIONS[rule.transform][0]
+    return tuple(reversed(range(ndim))) if perm is None else tuple(perm)
+
+
 def to_hf(rule: TensorRule, mm_tensor: np.ndarray) -> np.ndarray:
     if rule.transform not in _PERMUTATIONS:
         return mm_tensor

@@ -184,6 +184,7 @@ class ShardedReader:
         self.weight_map: dict[str, str] = weight_map
         self.files = files
         self._handles: dict[str, object] = {}
+        self._files: dict[str, object] = {}
 
     def info(self, key: str) -> TensorInfo:
         return self.headers[self.weight_map[key]].tensors[key]
@@ -213,8 +214,42 @@ class ShardedReader:
             raise CheckpointError(f"{fname}: cannot read tensor {key} ({e})") from None
         return read_array(path, info)
 
+    def view(self, key: str) -> np.ndarray:
+        """The tensor as a read-only memory map of its bytes in the file (HF layout): nothing is read
+        until it is indexed, and an index reads only the pages it touches, so a shard of a tensor
+        costs the shard's bytes. The mapping goes when the last view of it does."""
+        fname = self.weight_map[key]
+        info = self.headers[fname].tensors[key]
+        dt = np_dtype(info.dtype).newbyteorder("<")
+        if info.end == info.begin:   # numpy cannot map zero bytes
+            return np.zeros(info.shape, dt)
+        try:
+            return np.memmap(os.path.join(self.directory, fname), dtype=dt, mode="r", offset=info.begin,
+                             shape=info.shape)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{fname}: cannot map tensor {key} ({e})") from None
+
+    def read_rows(self, key: str, first: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``[first, first + len(out))`` of the tensor (its leading axis) read into ``out`` (a
+        C-contiguous array of the tensor's item size) with one ``readinto``: no mapping, no page
+        faults on the file, and ``out`` can be reused from piece to piece."""
+        fname = self.weight_map[key]
+        info = self.headers[fname].tensors[key]
+        row = int(np.prod(info.shape[1:], dtype=np.int64)) * np_dtype(info.dtype).itemsize
+        f = self._files.get(fname)
+        if f is None:
+            f = self._files[fname] = open(os.path.join(self.directory, fname), "rb")
+        f.seek(info.begin + first * row)
+        view = memoryview(out.view(np.uint8).reshape(-1))   # bytes: ml_dtypes have no buffer format
+        if f.readinto(view) != len(view):
+            raise CheckpointError(f"{fname}: truncated safetensors file (tensor {key})")
+        return out
+
     def close(self):
         self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 # ------------------------------------------------------------------------------------------------
