@@ -762,3 +762,27 @@ def test_two_process_run_checkpoints_and_exports_what_it_trained(assets, referen
     options = model_options(cfg, run.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
     exported = mmjax.from_pretrained(str(wd / "hf"), dtype="float32", options=options)
     assert tree_equal(nnx.state(exported, nnx.Param), nnx.state(run.model(state.params), nnx.Param))
+
+
+def test_cluster_detection_and_flag_errors():
+    """Which launchers start a multi-process run, and one-line errors for flags that do not
+    describe one (checked before JAX is touched)."""
+    from mmjax.train.cluster import ClusterError, detected_cluster, initialize
+    assert detected_cluster({}) is None
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "slurm"
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None      # one task: one process
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "open mpi"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu pod slice"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None            # a single-host TPU VM
+    assert initialize(environ={}) is None
+    with pytest.raises(ClusterError, match="go together"):
+        initialize("127.0.0.1:1234", 2, None)
+    with pytest.raises(ClusterError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+        initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ClusterError, match="must be host:port"):
+        initialize("127.0.0.1", 2, 0)
+    p = subprocess.run([sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py", "--coordinator=h:1",
+                        "--num_processes=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --coordinator, --num_processes and --process_id go together (all three, or none to let a TPU "
+        "pod slice or SLURM say them)"]

@@ -1,4 +1,8 @@
-"""``python -m mmjax.train --config=configs/<name>.py [--config.key=value] [--workdir=DIR]``"""
+"""``python -m mmjax.train --config=configs/<name>.py [--config.key=value] [--workdir=DIR]``
+
+Several processes (one per host): ``--coordinator=HOST:PORT --num_processes=N --process_id=I`` on
+each, or nothing under SLURM / Open MPI, ``--multihost`` on a TPU pod slice (``scripts/`` has
+the launch recipes)."""
 
 import os
 import sys
@@ -9,11 +13,28 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, exports). "
                                "Default: workdirs/<config name>.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process run: host:port of process 0 (with "
+                                   "--num_processes and --process_id; not needed on a TPU pod slice or under SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-process run JAX detects itself (TPU pod "
+                               "slice workers; SLURM and Open MPI are detected without it).")
 
 
 def main(argv):
     del argv
     from absl import logging
+
+    from mmjax.train import cluster
+
+    try:   # before anything touches a JAX device
+        joined = cluster.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_MULTIHOST.value)
+    except cluster.ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if joined:
+        print(f"multi-process run: {joined}", flush=True)
 
     from mmjax.data.samples import SkipBudgetExceeded
     from mmjax.train.run import train
