@@ -345,7 +345,7 @@ def test_custom_vjp_layers_match_autodiff(name):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("chunk", [8, 12])
+@pytest.mark.parametrize("chunk", [12])   # 64 tokens in 6 balanced chunks of 11: uneven tiling (CI time: one case)
 def test_token_chunk_skips_padding(chunk):
     """``token_chunk``: the per-token work in chunks, padding-only chunks skipped. Hidden states at
     the real positions and every parameter gradient equal the whole-row path's; embeddings of NaN

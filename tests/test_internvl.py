@@ -129,7 +129,7 @@ def test_dummy_tile_dropped(hf_pair):
     assert not bad and _rel(other, base) > 1e-3
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("chunk", [2])   # groups of 2: a computed padding slot and skipped groups (CI time: one case)
 def test_tile_chunk_skips_padding_tiles(hf_pair, chunk):
     """Empty tile slots are never encoded: with ``tile_chunk`` the logits and every gradient equal
     the one-batch path's, and padding tiles full of NaN (which the one-batch path's backward turns
