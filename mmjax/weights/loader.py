@@ -163,6 +163,12 @@ def _to_mmjax_layout(x: np.ndarray, perm: tuple[int, ...], dtype: np.dtype) -> n
     return np.asarray(_XLA_CONVERT(jax.device_put(x, cpu), perm, np.dtype(dtype).name))
 
 
+def _bounded(index, shape) -> tuple[slice, ...]:
+    """A shard index as one ``slice(start, stop)`` per axis (missing axes and open bounds filled)."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    return tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+
+
 def _shard_reader(reader: ShardedReader, rule, keys: dict, shape: tuple[int, ...], dtype: np.dtype):
     """``index -> ndarray``: the part ``index`` (a tuple of slices) of the parameter in the mmjax
     layout and ``dtype``, read from the checkpoint tensor(s): only the HF slice that maps onto it,
@@ -171,8 +177,7 @@ def _shard_reader(reader: ShardedReader, rule, keys: dict, shape: tuple[int, ...
     stacked = None not in keys
 
     def read(index):
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+        index = _bounded(index, shape)
         rest = index[1:] if stacked else index
         perm = mmjax_axes(rule, len(rest))
         hf_index = [None] * len(rest)
@@ -197,8 +202,8 @@ def _build(reader: ShardedReader, rule, keys: dict, shape, dtype, sharding):
     done: dict[tuple, object] = {}
     arrays = []
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
-        key = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+        index = _bounded(index, shape)
+        key = tuple((sl.start, sl.stop) for sl in index)
         if key not in done:
             done[key] = jax.device_put(read(index), device)
             arrays.append(done[key])

@@ -6,9 +6,11 @@ start) plus an optional ``__metadata__`` string map. Every header is checked aga
 before any tensor is read, so a truncated download fails with the file's name instead of a numpy
 error half-way through loading.
 
-Reads go through ``safetensors.safe_open(..., framework="numpy")`` (safetensors >= 0.6 returns
-``ml_dtypes.bfloat16`` arrays for BF16); a raw-byte path (``read_raw`` / ``read_array``) covers
-dtypes that path does not know and lets tests compare tensors byte for byte. Writes stream: the
+The loader reads parts of tensors: ``ShardedReader.read_rows`` (leading rows, one ``readinto``)
+and ``ShardedReader.view`` (a memory map, for other slices). ``ShardedReader.get`` reads a whole
+tensor through ``safetensors.safe_open(..., framework="numpy")`` (``ml_dtypes.bfloat16`` for BF16),
+with a raw-byte path (``read_raw`` / ``read_array``) for dtypes that path does not know; tests use
+both as the reference and to compare tensors byte for byte. Writes stream: the
 header is computed from the tensor specs, then each tensor is produced, cast and written in turn, so
 at most one tensor (plus whatever the producer caches) is in host memory.
 """
@@ -19,7 +21,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -188,12 +190,6 @@ class ShardedReader:
 
     def info(self, key: str) -> TensorInfo:
         return self.headers[self.weight_map[key]].tensors[key]
-
-    def keys_in_file_order(self) -> Iterable[tuple[str, str]]:
-        """``(file, key)`` pairs, file by file, keys in data-offset order (sequential disk reads)."""
-        for fname in self.files:
-            for key in self.headers[fname].tensors:
-                yield fname, key
 
     def get(self, key: str) -> np.ndarray:
         fname = self.weight_map[key]
