@@ -23,6 +23,7 @@ def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     from mmjax.data.config import default_data_config
+    from mmjax.sharding import rules_as_config
 
     c = ml_collections.ConfigDict()
     c.name = "base"
@@ -95,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_nonfinite_steps = 5         # consecutive skipped (NaN/inf) updates that stop the run
 
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    # logical axis -> mesh axes for parameters and activations (mmjax.sharding.LOGICAL_RULES):
+    # comma-separated axes, '' replicates; e.g. --config.mesh.rules.vocab=fsdp
+    c.mesh.rules = ml_collections.ConfigDict(rules_as_config())
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200

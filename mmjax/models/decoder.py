@@ -23,6 +23,7 @@ from mmjax.models import attention as attn_lib
 from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, active_token_chunks,
                                  apply_rope, cache_write, init_kv_cache, map_token_chunks, normal_init, param,
                                  positions_from_mask, rope_cos_sin, scan_layers, stacked, swiglu, token_matmul)
+from mmjax.sharding import constrain
 
 QKV_LAYOUTS = ("separate", "fused", "internlm2")
 MLP_LAYOUTS = ("separate", "fused_gate_up")
@@ -112,6 +113,9 @@ class Attention(nnx.Module):
     def project(self, x, cos, sin):
         """Per token: q, k, v with the q / k norms and the rotary embedding applied."""
         q, k, v = self.qkv(x)
+        q = constrain(q, ("batch", "seq", "act_heads", None))
+        k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -155,7 +159,8 @@ class MLP(nnx.Module):
         else:
             y = self.gate_up_proj(x)
             gate, up = y[..., :self.cfg.intermediate_size], y[..., self.cfg.intermediate_size:]
-        return self.down_proj(swiglu(gate, up))
+        axes = ("batch", "seq", "act_mlp")
+        return self.down_proj(swiglu(constrain(gate, axes), constrain(up, axes)))
 
 
 class DecoderLayer(nnx.Module):
@@ -219,16 +224,18 @@ class CausalLM(nnx.Module):
         segment_ids = segment_ids.astype(jnp.int32)
         positions = positions.astype(jnp.int32)
         cos, sin = rope_cos_sin(cfg.rope, positions, segment_ids)
-        x = embeds.astype(self.dtype)
+        hidden_axes = ("batch", "seq", "act_embed")
+        x = constrain(embeds.astype(self.dtype), hidden_axes)
         if cache is None:
             mask = attn_lib.get_backend(cfg.attention).prepare(segment_ids, positions)
             active = active_token_chunks(segment_ids, cfg.token_chunk) if cfg.token_chunk else None
 
             def body(layer, h, _):
                 if active is not None:
-                    return layer.forward_chunked(h, cos, sin, mask, active, cfg.token_chunk), None
+                    return constrain(layer.forward_chunked(h, cos, sin, mask, active, cfg.token_chunk),
+                                     hidden_axes), None
                 h, _ = layer(h, cos, sin, mask)
-                return h, None
+                return constrain(h, hidden_axes), None
 
             x, _ = scan_layers(self.layers, body, x, None, remat=cfg.remat)
             return self.final_norm(x), None

@@ -29,9 +29,11 @@ from flax import nnx
 
 from mmjax.models import attention as attn_lib
 from mmjax.models.layers import Dense, LayerNorm, RMSNorm, gelu_exact, param, scan_layers, stacked, token_matmul
+from mmjax.sharding import constrain
 from mmjax.weights.rules import TensorRule
 
 Dtype = Any
+TOKEN_AXES = ("tiles", "vit_tokens", "act_embed")   # the logical axes of the ViT's hidden states
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 QKV_LAYOUTS = ("fused", "separate")
@@ -248,8 +250,9 @@ class ViTAttention(nnx.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        shape = (n, t, self.num_heads, self.head_dim)
-        o = attn_lib.get_backend(self.attention).attend_full(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+        shape, axes = (n, t, self.num_heads, self.head_dim), ("tiles", "vit_tokens", "act_heads", None)
+        q, k, v = (constrain(a.reshape(shape), axes) for a in (q, k, v))
+        o = attn_lib.get_backend(self.attention).attend_full(q, k, v,
                                                               scale=self.head_dim ** -0.5, block=self.attention_block or t)
         return self.proj(o.reshape(n, t, c))
 
@@ -261,7 +264,7 @@ class ViTMLP(nnx.Module):
         self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, axes=("vit_mlp", "vit_embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_exact(self.fc1(x)))
+        return self.fc2(gelu_exact(constrain(self.fc1(x), ("tiles", "vit_tokens", "act_mlp"))))
 
 
 def _drop_path(y: jax.Array, key: jax.Array | None, rate: jax.Array | None) -> jax.Array:
@@ -325,7 +328,8 @@ class InternViT(nnx.Module):
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         # positions are resized in float32 and cast to the compute dtype before the add (as upstream)
-        return x.astype(self.dtype) + self.position_embeddings(h // p, w // p).astype(self.dtype)
+        x = x.astype(self.dtype) + self.position_embeddings(h // p, w // p).astype(self.dtype)
+        return constrain(x, TOKEN_AXES)
 
     def layers_read(self, select_layer: int = -1) -> int:
         """How many layers (the first ones) the features of ``select_layer`` depend on; the layers
@@ -365,9 +369,9 @@ class InternViT(nnx.Module):
 
         def body(layer, h, per_layer):
             if per_layer is None:
-                return layer(h), None
+                return constrain(layer(h), TOKEN_AXES), None
             k, r = per_layer
-            return layer(h, k, r), None
+            return constrain(layer(h, k, r), TOKEN_AXES), None
 
         x, _ = scan_layers(layers, body, x, xs, remat=cfg.remat)
         return x[:, 1:]

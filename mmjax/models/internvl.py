@@ -31,6 +31,7 @@ from mmjax.models import internvit, projector
 from mmjax.models.decoder import CausalLM, DecoderConfig, default_segments
 from mmjax.models.families import family_module
 from mmjax.models.layers import scan_skipping, true_first
+from mmjax.sharding import constrain
 from mmjax.weights.rules import TensorRule
 
 LAYOUTS = ("internvl_chat", "hf")
@@ -214,7 +215,7 @@ class InternVL(nnx.Module):
         if n % c:
             px = jnp.concatenate([px, jnp.zeros((c - n % c,) + px.shape[1:], px.dtype)])
         groups = px.shape[0] // c
-        px = px.reshape((groups, c) + px.shape[1:])
+        px = constrain(px.reshape((groups, c) + px.shape[1:]), (None, "tiles", None, None, None))
         active = jnp.arange(groups) * c < jnp.sum(real.astype(jnp.int32))
         keys = None
         if not deterministic and rngs is not None:

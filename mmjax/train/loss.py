@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mmjax.data.batch import IGNORE_INDEX
 from mmjax.models.layers import token_matmul, true_first
+from mmjax.sharding import constrain
 
 
 def shift_targets(labels: jax.Array, loss_weights: jax.Array, segment_ids: jax.Array | None = None):
@@ -81,7 +82,8 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
         w = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)])
     k = h.shape[0] // chunk_size
     active = jnp.arange(k, dtype=jnp.int32) * chunk_size < n_needed
-    loss_sum, n_correct = _fused_ce(h.reshape(k, chunk_size, -1), head, t.reshape(k, chunk_size),
+    h = constrain(h.reshape(k, chunk_size, -1), (None, "loss_tokens", "act_embed"))
+    loss_sum, n_correct = _fused_ce(h, head, t.reshape(k, chunk_size),
                                     w.reshape(k, chunk_size), active, transpose_head)
     return loss_sum, jnp.sum(w), n_correct
 
@@ -103,6 +105,7 @@ def _ce_scan(h, head, t, w, active, transpose_head: bool, with_grads: bool):
         loss, correct, dhead = carry
         hc, tc, wc = xs
         logits = token_matmul(hc, head, transpose_w=transpose_head, preferred_element_type=f32)
+        logits = constrain(logits, ("loss_tokens", "act_vocab"))
         ce, corr, lse = _token_ce(logits, tc)
         loss = loss + jnp.sum(ce * wc)
         correct = correct + jnp.sum(corr & (tc != IGNORE_INDEX))

@@ -51,16 +51,23 @@ def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
         raise ConfigError(f"config.model.{e}") from None
 
 
-def validate_config(cfg, checkpoint_required: bool = True) -> None:
+def validate_config(cfg, checkpoint_required: bool = True, devices=None) -> dict:
     """Impossible combinations and missing files fail here, before anything is generated or compiled.
-    ``checkpoint_required=False``: the model's config comes from elsewhere (``build_run(hf_config=)``)."""
+    ``checkpoint_required=False``: the model's config comes from elsewhere (``build_run(hf_config=)``).
+    ``devices``: what the mesh is laid over (default: every visible device). Returns the sharding
+    rule table (``config.mesh.rules`` applied)."""
     if cfg.data.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.data.batch_size % cfg.grad_accum:
         raise ConfigError(f"config.batch_size={cfg.data.batch_size} must be a positive multiple of "
                           f"config.grad_accum={cfg.grad_accum}")
     n_dev = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
-    if n_dev != jax.device_count():
+    visible = jax.device_count() if devices is None else len(devices)
+    if n_dev != visible:
         raise ConfigError(f"config.mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp} x tensor={cfg.mesh.tensor} "
-                          f"= {n_dev} devices, but {jax.device_count()} are visible")
+                          f"= {n_dev} devices, but {visible} are {'visible' if devices is None else 'given'}")
+    try:
+        rules = shd.rules_from_config(cfg.mesh.get("rules"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     micro = cfg.data.batch_size // cfg.grad_accum
     rows_axes = cfg.mesh.data * cfg.mesh.fsdp
     if micro % rows_axes:
@@ -88,6 +95,7 @@ def validate_config(cfg, checkpoint_required: bool = True) -> None:
     if cfg.eval.enabled and not cfg.synthetic.enabled and not cfg.eval.annotation:
         raise ConfigError("config.eval.enabled is set but config.eval.annotation is empty: name a held-out "
                           "InternVL JSONL (and eval.root for its images)")
+    return rules
 
 
 @dataclasses.dataclass
@@ -97,6 +105,7 @@ class Run:
 
     cfg: Any                     # the validated config, paths and template resolved
     mesh: Mesh
+    rules: dict                  # logical axis -> mesh axes (mmjax.sharding), config.mesh.rules applied
     notes: list[str]             # start-up decisions worth a line in the summary
     tokenizer: Any
     model_type: str              # the model's class name
@@ -146,18 +155,24 @@ class Run:
         return nnx.merge(self.graphdef, self.state.params if params is None else params, self.frozen, self.rest)
 
 
-def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir: str | None = None,
+def build_run(cfg, devices=None, *, abstract: bool = False, workdir: str | None = None,
               hf_config: dict | None = None, with_data: bool = True) -> Run:
-    """Assemble a run from ``cfg`` (see the module docstring). ``workdir`` holds what the embedded
-    default generates; ``with_data=False`` skips the dataset and loader (``total_steps`` must then
-    come from the config)."""
-    validate_config(cfg, checkpoint_required=hf_config is None)
+    """Assemble a run from ``cfg`` (see the module docstring) on ``config.mesh`` laid over
+    ``devices`` (default: every visible device). ``workdir`` holds what the embedded default
+    generates; ``with_data=False`` skips the dataset and loader (``total_steps`` must then come
+    from the config)."""
+    rules = validate_config(cfg, checkpoint_required=hf_config is None, devices=devices)
     notes = []
     if cfg.synthetic.enabled:
         if workdir is None:
             raise ConfigError("the embedded default (synthetic.enabled) generates its assets in a workdir: pass one")
         notes += _embedded_assets(cfg, workdir)
-    mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    with shd.use_rules(rules, mesh):
+        return _assemble(cfg, mesh, rules, notes, abstract=abstract, hf_config=hf_config, with_data=with_data)
+
+
+def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_config, with_data: bool) -> Run:
 
     tokenizer = _load_tokenizer(cfg, required=with_data and not abstract)
     layout, config = _model_config(cfg, hf_config)
@@ -219,11 +234,12 @@ def build_run(cfg, mesh: Mesh | None = None, *, abstract: bool = False, workdir:
     batch_sh = {k: rows for k in ROW_KEYS}
     step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum, chunk_size=cfg.loss_chunk_size,
                                     update_mask=update_mask, lora_dropout=use_lora and cfg.lora.dropout > 0)
+    step = shd.traced_with(step, rules, mesh)   # its activations' constraints are made when it traces
     # explicit shardings: the state keeps its placement; it is donated, so params and optimizer
     # state are updated in place
     step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, rest_sh, batch_sh), out_shardings=(state_sh, repl),
                       donate_argnums=(0,))
-    return Run(cfg=cfg, mesh=mesh, notes=notes, tokenizer=tokenizer, model_type=type(model).__name__,
+    return Run(cfg=cfg, mesh=mesh, rules=rules, notes=notes, tokenizer=tokenizer, model_type=type(model).__name__,
                has_vision=has_vision, use_lora=use_lora, graphdef=graphdef, state=state, frozen=frozen, rest=rest,
                state_shardings=state_sh, frozen_shardings=frozen_sh, rest_shardings=rest_sh, batch_shardings=batch_sh,
                tx=tx, schedule=schedule, update_mask=update_mask, total_steps=total_steps, step_fn=step_fn,
