@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import sibling_config
+from mmjax.models.catalog import CHECKPOINTS
 from mmjax.models.lora import lora_param_count
 from mmjax.train import state as state_lib
 from mmjax.train.setup import build_run
@@ -56,59 +57,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 GiB = 2 ** 30
 
-# ---- upstream internvl_chat config.json dicts (reference section 1.9) ---------------------------
-
-INTERNVIT_300M = dict(
-    architectures=["InternVisionModel"], model_type="intern_vit_6b",
-    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-    norm_type="layer_norm", layer_norm_eps=1e-6, qkv_bias=True, qk_normalization=False,
-    image_size=448, patch_size=14, num_channels=3, hidden_act="gelu", initializer_factor=0.1,
-    drop_path_rate=0.0, use_flash_attn=True)
-
-INTERNLM2_1_8B = dict(
-    architectures=["InternLM2ForCausalLM"], model_type="internlm2",
-    vocab_size=92553,                      # 92544 + the 9 InternVL tokens
-    hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-    intermediate_size=8192, rope_theta=1000000, max_position_embeddings=32768,
-    rope_scaling={"type": "dynamic", "factor": 2.0}, rms_norm_eps=1e-5, bias=False,
-    hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-
-
-def _longrope_factors(n: int, lo: float, hi: float) -> list[float]:
-    # placeholder values (monotone ramp): the factors change rotary tables only, never memory
-    return [round(lo + (hi - lo) * i / (n - 1), 4) for i in range(n)]
-
-
-PHI3_MINI_128K = dict(
-    architectures=["Phi3ForCausalLM"], model_type="phi3",
-    vocab_size=32020,                      # reference: "[computed; verify]" (base 32064; 32011 + 9 added)
-    hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-    intermediate_size=8192, rope_theta=10000.0, max_position_embeddings=131072,
-    original_max_position_embeddings=4096,
-    rope_scaling={"type": "su", "short_factor": _longrope_factors(48, 1.0, 1.2),
-                  "long_factor": _longrope_factors(48, 1.0, 40.0)},
-    rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
-    tie_word_embeddings=False)
-
-
-def internvl_chat_config(llm: dict, template: str) -> dict:
-    return dict(architectures=["InternVLChatModel"], model_type="internvl_chat", template=template,
-                force_image_size=448, downsample_ratio=0.5, ps_version="v2", select_layer=-1,
-                dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
-                use_llm_lora=0, use_backbone_lora=0,
-                vision_config=dict(INTERNVIT_300M), llm_config=dict(llm))
-
+# the upstream internvl_chat config.json dicts (reference section 1.9) live in mmjax.models.catalog
+_MINI2B, _MINI2B_IMG = CHECKPOINTS["Mini-InternVL-Chat-2B-V1-5"]
+_MINI4B, _MINI4B_IMG = CHECKPOINTS["Mini-InternVL-Chat-4B-V1-5"]
 
 MODELS = {
-    "mini2b": dict(name="Mini-InternVL-Chat-2B-V1-5", config=internvl_chat_config(INTERNLM2_1_8B, "internlm2-chat"),
+    "mini2b": dict(name="Mini-InternVL-Chat-2B-V1-5", config=_MINI2B,
                    train_config="mini2b_lora",
-                   img_context_token_id=92546,           # 92544 <img>, 92545 </img>, 92546 <IMG_CONTEXT>
+                   img_context_token_id=_MINI2B_IMG,     # 92544 <img>, 92545 </img>, 92546 <IMG_CONTEXT>
                    expected_trainable=15_728_640,        # reference 3.4 [computed]
                    upstream="2 GPUs (LoRA script, per-device 4); GB: none in ref "
                             "(full FT ~30 GB/GPU @ per-device 1)"),
-    "mini4b": dict(name="Mini-InternVL-Chat-4B-V1-5", config=internvl_chat_config(PHI3_MINI_128K, "phi3-chat"),
+    "mini4b": dict(name="Mini-InternVL-Chat-4B-V1-5", config=_MINI4B,
                    train_config="mini4b_lora",
-                   img_context_token_id=32013,           # same rule: 32011 <img>, 32012 </img>, 32013 (computed)
+                   img_context_token_id=_MINI4B_IMG,     # same rule: 32011 <img>, 32012 </img>, 32013 (computed)
                    expected_trainable=25_165_824,
                    upstream="2 GPUs (LoRA script, per-device 4); GB: none in ref "
                             "(full FT ~40 GB/GPU @ per-device 1)"),

@@ -39,7 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.frozen_param_dtype = "float32"  # storage of frozen weights ("bfloat16" halves their memory)
     c.model.drop_path_rate = 0.0
     c.model.remat = "full"            # none | full | dots | dots_saveable
-    c.model.attention = "blockwise"   # a backend of mmjax.models.attention: xla | blockwise (memory linear in T)
+    # a backend of mmjax.models.attention: xla | blockwise (memory linear in T, the default on every
+    # platform: measured) | pallas_gpu (JAX's Triton flash kernel) | splash (TPU); the last two take
+    # the packed rows' segment ids, run per shard on a mesh, and are unmeasured on hardware so far
+    c.model.attention = "blockwise"
     # blockwise tile bound; blocks with no visible key are skipped. 256 against 512, measured with
     # bench/compare_torch.py: 8192-token packed rows 43.2 vs 50.6 s a step (fewer diagonal and
     # cross-sample tiles), 4 x 1024-token rows 34.7 vs 35.1 s

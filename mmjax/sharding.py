@@ -101,6 +101,11 @@ def current_rules() -> dict:
     return _in_force[-1][0]
 
 
+def mesh_in_force() -> Mesh | None:
+    """The mesh :func:`constrain` places activations on (None outside :func:`use_rules`)."""
+    return _in_force[-1][1]
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
     """``x`` constrained to the sharding of its logical ``axes`` on the mesh in force; unchanged on
     one device or outside :func:`use_rules`. A dimension that does not divide its mesh axes stays

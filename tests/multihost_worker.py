@@ -34,9 +34,8 @@ def main(argv):
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
+    overrides.setdefault("data.shard_mode", "rows")
     cfg.update_from_flattened_dict(overrides)
-    with cfg.data.unlocked():
-        cfg.data.shard_mode = "rows"
     out = train(cfg, workdir)
     out["process_index"], out["process_count"] = jax.process_index(), jax.process_count()
     Path(f"{result}.{pid}").write_text(json.dumps(out))

@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+KERNELS = ("pallas_gpu", "splash")   # attention backends that run per shard (the others: XLA partitions them)
 MODES = {"full": {}, "lora": {"lora.llm_rank": 4, "lora.vit_rank": 2, "lora.dropout": 0.0,
                               "freeze.backbone": True, "freeze.mlp": True, "freeze.llm": True}}
 
@@ -70,7 +71,50 @@ def main(workdir: str, out: str) -> None:
             np.savez(f"{out}.{mode}.{'x'.join(map(str, mesh))}.npz", **flat)
             result[f"{mode} {mesh}"] = {"loss": float(loss), "constraints": constraints}
             run.loader.close()
+    result["kernels"] = _kernels_on_a_mesh()
     Path(out).write_text(json.dumps(result))
+
+
+def _kernels_on_a_mesh() -> dict:
+    """Each attention backend on packed rows under a (2,2,2) mesh (rows over data x fsdp, heads
+    over tensor; the Pallas kernels per shard) against the same call on one device: the largest
+    difference of the outputs and of the gradients, relative to their scale."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mmjax import sharding as shd
+    from mmjax.models import attention
+
+    b, t, hq, hkv, d = 4, 200, 4, 2, 32
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(ks[0], (b, t, hq, d))
+    k, v = jax.random.normal(ks[1], (b, t, hkv, d)), jax.random.normal(ks[2], (b, t, hkv, d))
+    ct = jax.random.normal(ks[3], (b, t, hq, d))
+    lengths = [(90, 90), (200,), (50, 60, 70), (120,)]
+    seg, pos = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    for r, parts in enumerate(lengths):
+        start = 0
+        for i, n in enumerate(parts):
+            seg[r, start:start + n], pos[r, start:start + n] = i + 1, np.arange(n)
+            start += n
+    mesh = shd.make_mesh(2, 2, 2)
+    out = {}
+    for name in KERNELS:
+        backend = attention.get_backend(name)
+
+        def f(q, k, v, seg, pos):
+            o = backend.attend(q, k, v, backend.prepare(seg, pos), scale=d ** -0.5, block=64)
+            return jnp.sum(o * ct), o
+
+        grad = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+        (_, o1), g1 = jax.jit(grad)(q, k, v, seg, pos)
+        rows = NamedSharding(mesh, P(("data", "fsdp")))
+        placed = [jax.device_put(x, rows) for x in (q, k, v, seg, pos)]
+        (_, o8), g8 = jax.jit(shd.traced_with(grad, shd.LOGICAL_RULES, mesh))(*placed)
+        rel = lambda a, r: float(np.abs(np.asarray(a) - np.asarray(r)).max() / max(np.abs(np.asarray(r)).max(), 1e-12))
+        out[name] = max([rel(o8, o1)] + [rel(a, r) for a, r in zip(g8, g1)])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +151,15 @@ def test_every_mesh_gives_the_one_device_loss_and_gradients(matrix, mode):
             scale = max(float(np.abs(r).max()), 1e-12)
             # relative to the tensor's scale: float32 sums taken in another order (per-device partials)
             assert float(np.abs(g - r).max()) <= 1e-4 * scale, (mesh, name, float(np.abs(g - r).max()), scale)
+
+
+def test_pallas_kernels_on_a_mesh_match_one_device(matrix):
+    """The Pallas kernels run per shard (shard_map; XLA cannot partition them): on a (2,2,2) mesh
+    they give the 1-device outputs and gradients (interpret mode on CPU)."""
+    result, _ = matrix
+    assert sorted(result["kernels"]) == sorted(KERNELS)
+    for name, rel in result["kernels"].items():
+        assert rel <= 1e-5, (name, rel)
 
 
 def test_rule_table_is_overridable_from_the_config():

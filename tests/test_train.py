@@ -701,22 +701,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_run_checkpoints_and_exports_what_it_trained(assets, reference_run, tmp_path):
-    """Two processes x 1 CPU device (gloo) train one run on an fsdp=2 mesh: both finish, the
-    losses are the one-process run's, and process 0's HF export holds exactly the trained weights
-    (the checkpoint both processes wrote, restored on one process)."""
+def _worker_env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
+                                 if "host_platform_device_count" not in f] +
+                                [f"--xla_force_host_platform_device_count={devices}"])
+    return env
+
+
+def test_two_processes_of_four_devices_resume_on_one_process_of_eight(assets, tmp_path):
+    """Two processes x 4 CPU devices (gloo) train one run on a (2,4,1) mesh and checkpoint; the
+    same run resumed from its middle checkpoint on one process x 8 devices computes the same
+    losses and weights (float32 reduction order aside); process 0's export holds exactly, bit for
+    bit, the trained weights (the checkpoint both processes wrote, restored on one process and
+    one device)."""
     import mmjax
 
-    steps = RESUME_STEPS   # the reference run's schedule
-    extra = {**OVERRIDES, "total_steps": steps, "mesh.fsdp": 2, "export.dtype": "float32",
-             "checkpoint.every_steps": 10}
-    wd = new_workdir(assets, tmp_path, "two")
+    steps = 6
+    extra = {**OVERRIDES, "total_steps": steps, "mesh.data": 2, "mesh.fsdp": 4, "data.batch_size": 8,
+             "export.dtype": "float32", "checkpoint.every_steps": 3, "checkpoint.keep": 2,
+             "checkpoint.async_save": False, "data.shard_mode": "rows"}
+    two = new_workdir(assets, tmp_path, "two")
     port, result = _free_port(), tmp_path / "result"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)   # one device per process
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(port), "2", str(i),
-                               str(wd), str(result), *[f"{k}={json.dumps(v)}" for k, v in extra.items()]],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               str(two), str(result), *[f"{k}={json.dumps(v)}" for k, v in extra.items()]],
+                              cwd=REPO, env=_worker_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for i in range(2)]
     logs = []
     try:
@@ -730,19 +740,36 @@ def test_two_process_run_checkpoints_and_exports_what_it_trained(assets, referen
     out0, out1 = (json.loads(Path(f"{result}.{i}").read_text()) for i in range(2))
     assert out0["process_count"] == 2 and out0["step"] == out1["step"] == steps
     assert "hf_dir" in out0 and "hf_dir" not in out1   # process 0 writes
-
-    ref, got = read_losses(reference_run), read_losses(wd)
+    got = read_losses(two)
     assert sorted(got) == list(range(1, steps + 1))
-    for s in range(1, 6):
-        assert got[s] == pytest.approx(ref[s], rel=1e-4), s
-    for s in got:
-        assert got[s] == pytest.approx(ref[s], rel=1e-2), s
+
+    # the same run from its step-3 checkpoint on one process with 8 devices
+    one = tmp_path / "one"
+    shutil.copytree(two, one, ignore=shutil.ignore_patterns("hf", "hf_adapter"))
+    shutil.rmtree(one / "checkpoints" / str(steps))
+    p = subprocess.run([sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py", f"--workdir={one}",
+                        *[f"--config.{k}={v}" for k, v in extra.items()]],
+                       cwd=REPO, env=_worker_env(8), capture_output=True, text=True, timeout=420)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed from {one / 'checkpoints'}/3" in p.stdout and "'fsdp': 4" in p.stdout
+    resumed = read_losses(one)
+    for s in range(4, steps + 1):
+        assert resumed[s] == pytest.approx(got[s], rel=1e-6), s
+    from safetensors.numpy import load_file
+    a, b = ({k: v for f in sorted((w / "hf").glob("*.safetensors")) for k, v in load_file(f).items()}
+            for w in (two, one))
+    # not bit for bit: gloo's all-reduce across the processes sums the devices' partial gradients in
+    # another order than one process's does (measured: 39 of 55 tensors differ, by <= 1.2e-7 of the
+    # tensor's scale, after 3 steps); the export itself is exact (below)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() <= 1e-6 * np.abs(a[k]).max(), k
 
     cfg = tiny_config(total_steps=steps)
-    run, state, _ = restore_params(cfg, assets, wd)
+    run, state, _ = restore_params(cfg, assets, two)
     assert int(state.step) == steps
     options = model_options(cfg, run.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
-    exported = mmjax.from_pretrained(str(wd / "hf"), dtype="float32", options=options)
+    exported = mmjax.from_pretrained(str(two / "hf"), dtype="float32", options=options)
     assert tree_equal(nnx.state(exported, nnx.Param), nnx.state(run.model(state.params), nnx.Param))
 
 

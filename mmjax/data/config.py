@@ -42,6 +42,10 @@ def default_data_config():
     c.loss_reduction = "token"    # token | sample | square (len2weight)
     c.shuffle = True
     c.num_workers = 0             # grain worker processes decoding images (0 = in the main process)
+    # several processes: 'samples' (each decodes 1/P of the data) | 'rows' (each runs the global
+    # pipeline and keeps its rows: the global batches, and the checkpointed loader state, do not
+    # depend on the process count, so a run can resume on another number of processes)
+    c.shard_mode = "samples"
     c.batch_size = 16             # packed rows per optimizer step, global over all processes
     c.packing = "first_fit"       # first_fit | best_fit | none (one padded sample per row)
     return c

@@ -147,7 +147,7 @@ class Loader:
             raise ValueError(f"not a {STATE_FORMAT} state: {state.get('format')!r}")
         if state["shard"] != self._shard_key():
             raise ValueError(f"state was saved for {state['shard']}, this loader is {self._shard_key()}; "
-                             "shard_mode='rows' states do not depend on the process layout")
+                             "runs with config.data.shard_mode='rows' resume on any number of processes")
         self._iter.set_state(state["grain"])
 
     def _shard_key(self) -> dict:

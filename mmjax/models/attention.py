@@ -8,6 +8,8 @@ after the query's. Every backend computes exactly that; they differ in memory an
   KV-cache path of generation, whose queries are few or whose rows are short).
 - ``blockwise``: exact tiled attention with an online softmax and a recomputing backward pass,
   ``O(T * block)`` memory, key blocks without a visible key skipped.
+- ``pallas_gpu`` / ``splash``: JAX's own Pallas kernels (Triton flash attention on GPUs, splash
+  attention on TPUs), given the packed rows' segment ids; interpret mode on CPU.
 
 A backend is a :class:`Backend` in :data:`BACKENDS`: ``prepare(segment_ids, positions)`` builds
 what the layers share (once per forward pass, outside the layer scan) and ``attend(q, k, v,
@@ -390,6 +392,105 @@ def _blockwise_attend(q, k, v, seg: PackedSegments, *, scale, block):
                                scale=scale, block_q=block, block_kv=block)
 
 
+# ---- JAX's Pallas kernels: Triton flash attention (GPU) and splash attention (TPU) ----------------
+#
+# Both take per-row segment ids and mask causally by index. That is this module's rule for packed
+# rows: a sample's tokens are contiguous and its positions increase with the index, so "same
+# non-zero segment and key index <= query index" selects the same keys as "same segment and key
+# position <= query position". Padding (segment 0) attends to padding, never to a sample, and its
+# outputs are set to zero as every backend's are. Grouped KV heads are repeated to the query heads
+# (the kernels take one head count). On CPU the kernels run in Pallas' interpret mode (tests).
+
+KERNEL_BLOCK = 128   # query / key block of both kernels; rows are padded up to a multiple of it
+
+
+def _interpret() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _kernel_inputs(q, k, v, segment_ids):
+    """k / v with the query's head count; rows padded to a multiple of KERNEL_BLOCK (segment 0)."""
+    g = q.shape[2] // k.shape[2]
+    if g > 1:
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    t = q.shape[1]
+    pad = (-t) % KERNEL_BLOCK
+    if pad:
+        widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        q, k, v, segment_ids = widen(q), widen(k), widen(v), widen(segment_ids)
+    return q, k, v, segment_ids.astype(jnp.int32), t
+
+
+def _pallas_gpu(q, k, v, segment_ids, *, causal: bool, scale: float):
+    from jax.experimental.pallas.ops.gpu import attention as triton_attention
+    if jax.default_backend() not in ("gpu", "cuda", "rocm", "cpu"):
+        raise ValueError(f"attention backend 'pallas_gpu' runs on GPUs (interpret mode on CPU), not on "
+                         f"{jax.default_backend()}")
+    qp, kp, vp, seg, t = _kernel_inputs(q, k, v, segment_ids)
+    b = KERNEL_BLOCK
+    sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b,
+                                        block_q_dq=b, block_kv_dq=b)
+    out = triton_attention.mha(qp, kp, vp, seg, sm_scale=scale, causal=causal, block_sizes=sizes,
+                               interpret=_interpret())[:, :t]
+    return jnp.where((segment_ids > 0)[..., None, None], out, 0).astype(q.dtype)
+
+
+def _splash(q, k, v, segment_ids, *, causal: bool, scale: float):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+    if jax.default_backend() not in ("tpu", "cpu"):
+        raise ValueError(f"attention backend 'splash' runs on TPUs (interpret mode on CPU), not on "
+                         f"{jax.default_backend()}")
+    qp, kp, vp, seg, t = _kernel_inputs(q, k, v, segment_ids)
+    n, heads = qp.shape[1], qp.shape[2]
+    one = splash_mask.CausalMask((n, n)) if causal else splash_mask.FullMask((n, n))
+    b = KERNEL_BLOCK
+    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    kernel = splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
+                                    block_sizes=sizes, interpret=_interpret())
+    heads_first = lambda x: jnp.swapaxes(x, 0, 1)   # splash takes one row as (heads, tokens, dim)
+
+    def row(qr, kr, vr, sr):
+        out = kernel((heads_first(qr) * scale).astype(qr.dtype), heads_first(kr), heads_first(vr),
+                     segment_ids=splash.SegmentIds(q=sr, kv=sr))
+        return heads_first(out)
+
+    out = jax.vmap(row)(qp, kp, vp, seg)[:, :t]
+    return jnp.where((segment_ids > 0)[..., None, None], out, 0).astype(q.dtype)
+
+
+def _on_shards(kernel, q, k, v, segment_ids, rows_axis: str, **kw):
+    """``kernel`` on each device's rows and heads (``shard_map``) when a multi-device mesh is in
+    force: XLA cannot partition a Pallas call itself (it would gather every row onto every device).
+    Rows split as ``rows_axis`` says, heads over ``act_heads`` when both head counts divide."""
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax import sharding as shd
+    mesh = shd.mesh_in_force()
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, segment_ids, **kw)
+    rows = shd.logical_to_spec((rows_axis,), q.shape[:1], mesh)[0]
+    heads = shd.logical_to_spec((None, None, "act_heads"), q.shape, mesh)[2]
+    if heads is not None and shd.logical_to_spec((None, None, "act_heads"), k.shape, mesh)[2] != heads:
+        heads = None   # the KV heads do not split as the query heads do: keep heads whole
+    tokens = P(rows, None, heads, None)
+    return jax.shard_map(functools.partial(kernel, **kw), mesh=mesh, in_specs=(tokens, tokens, tokens, P(rows, None)),
+                         out_specs=tokens, check_vma=False)(q, k, v, segment_ids)
+
+
+def _kernel_backend(name: str, kernel, doc: str) -> "Backend":
+    def attend(q, k, v, seg: PackedSegments, *, scale, block):
+        del block   # the kernels' own block (KERNEL_BLOCK)
+        return _on_shards(kernel, q, k, v, seg.segment_ids, "batch", causal=True, scale=scale)
+
+    def attend_full(q, k, v, *, scale, block):
+        del block
+        return _on_shards(kernel, q, k, v, jnp.ones(q.shape[:2], jnp.int32), "tiles", causal=False, scale=scale)
+
+    return Backend(name, PackedSegments, attend, attend_full, doc)
+
+
 BACKENDS: dict[str, Backend] = {}
 
 
@@ -403,6 +504,8 @@ def register(backend: Backend) -> Backend:
 register(Backend("xla", _xla_prepare, _xla_attend, _xla_attend_full, "dense float32 scores under a mask (reference)"))
 register(Backend("blockwise", PackedSegments, _blockwise_attend, _blockwise_attend_full,
                  "exact tiled attention, online softmax, O(T * block) memory"))
+register(_kernel_backend("pallas_gpu", _pallas_gpu, "JAX's Pallas (Triton) flash attention with segment ids, GPU"))
+register(_kernel_backend("splash", _splash, "JAX's splash attention with SegmentIds, TPU"))
 
 
 def get_backend(name: str) -> Backend:
