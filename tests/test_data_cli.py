@@ -89,9 +89,9 @@ def test_show_marks_supervised_spans(workspace):
     assert cli.cmd_show(_config(workspace, "good"), 0, out=out) == 0
     text = out.getvalue()
     assert "grid 4x2 + thumbnail = 9 tiles" in text
-    assert "[[Blue.<|im_end|>]]" in text
+    assert "⟦Blue.<|im_end|>⟧" in text
     assert "<img><IMG_CONTEXT>x18</img>" in text
-    assert "[[" not in text.split("[[Blue.")[0]   # nothing before the answer is supervised
+    assert "⟦" not in text.split("⟦Blue.")[0]   # nothing before the answer is supervised
     with pytest.raises(cli.CliError, match="out of range"):
         cli.cmd_show(_config(workspace, "good"), 5, out=io.StringIO())
 

@@ -264,3 +264,100 @@ def test_augmentation_seeded_per_index(tmp_path, tok):
     c = build_dataset(small_cfg(meta_path=meta, seed=5), tok)[0]["pixel_values"]
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def _xtuner_image(url, wh=(60, 40)):
+    return {"type": "image_url", "image_url": {"url": url, "image_wh": list(wh)}}
+
+
+def test_xtuner_openai_messages_read_as_their_internvl_equivalents(tmp_path, tok):
+    """XTuner v1 records (content lists with image_url items and <IMG_CONTEXT> placeholders,
+    system turns, string content, several images, images without placeholders) give the same
+    samples as the same conversations written in InternVL's format."""
+    make_images(tmp_path / "media", ["a.png", "b.png"])
+    text = lambda t: {"type": "text", "text": t}
+    xtuner = [
+        {"messages": [{"role": "user", "content": [_xtuner_image("a.png"), text("<IMG_CONTEXT>\nWhat is it?")]},
+                      {"role": "assistant", "content": "A square."}]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [_xtuner_image("a.png"), _xtuner_image("b.png", [[60, 40]]),
+                                                   text("First <IMG_CONTEXT>, then "), text("<IMG_CONTEXT>. Same?")]},
+                      {"role": "assistant", "content": [text("No.")]},
+                      {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Colours."}]},
+        {"messages": [{"role": "user", "content": [_xtuner_image("b.png"), text("Describe.")]},   # no placeholder
+                      {"role": "assistant", "content": "Blue."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "loss": True}]},
+    ]
+    internvl = [
+        {"image": "a.png", "conversations": conv("<image>\nWhat is it?", "A square.")},
+        {"image": ["a.png", "b.png"], "conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "First <image>, then <image>. Same?"},
+            {"from": "gpt", "value": "No."}, {"from": "human", "value": "Why?"}, {"from": "gpt", "value": "Colours."}]},
+        {"image": "b.png", "conversations": conv("<image>\nDescribe.", "Blue.")},
+        {"conversations": conv("Hi", "Hello")},
+    ]
+    write_jsonl(tmp_path / "x.jsonl", xtuner)
+    write_jsonl(tmp_path / "i.jsonl", internvl)
+    media = str(tmp_path / "media")
+    a = build_dataset(small_cfg(datasets=[dict(anno_path=str(tmp_path / "x.jsonl"), media_root=media)]), tok)
+    b = build_dataset(small_cfg(datasets=[dict(anno_path=str(tmp_path / "i.jsonl"), media_root=media)]), tok)
+    assert len(a) == len(b) == 4
+    for i in range(4):
+        x, y = a[i], b[i]
+        assert x is not None and y is not None
+        assert sorted(x) == sorted(y)
+        for key in x:
+            if isinstance(x[key], np.ndarray):
+                assert np.array_equal(x[key], y[key]), (i, key)
+    assert a.mmjax_source.skipped() == 0
+
+
+XTUNER_BAD = [
+    ({"messages": [{"role": "user", "content": [_xtuner_image("a.png"), {"type": "text", "text": "<IMG_CONTEXT> and "
+                                                                          "<IMG_CONTEXT>"}]},
+                   {"role": "assistant", "content": "x"}]}, "2 <image> placeholders for 1 images"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "hm"}]},
+     "has 'thinking'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": False}]},
+     "sets loss=False"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": [_xtuner_image("a.png"), {"type": "text", "text": "a"}]}]},
+     "media belong in user messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png", "image_wh": [60]}},
+                                                {"type": "text", "text": "<IMG_CONTEXT>"}]},
+                   {"role": "assistant", "content": "a"}]}, "image_wh must be [width, height]"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": {}}]}, {"role": "assistant", "content": "a"}]},
+     "unknown content item"),
+    ({"messages": [{"role": "user", "content": [_xtuner_image("gone.png"), {"type": "text", "text": "<IMG_CONTEXT>"}]},
+                   {"role": "assistant", "content": "a"}]}, "missing image"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "has no content"),
+]
+
+
+def test_bad_xtuner_records_name_their_reason(tmp_path):
+    make_images(tmp_path / "media", ["a.png"])
+    write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in XTUNER_BAD])
+    records = src_lib.load_xtuner([dict(anno_path=str(tmp_path / "bad.jsonl"), media_root=str(tmp_path / "media"))])[0].records
+    for rec, (_, reason) in zip(records, XTUNER_BAD):
+        assert rec.error is not None and reason in rec.error, (rec.line, rec.error, reason)
+
+
+def test_xtuner_datasets_from_json_text_or_file(tmp_path):
+    """A list cannot be a command-line flag: ``data.datasets_json`` takes the same list as JSON
+    text or a file, after any ``data.datasets`` entries."""
+    from mmjax.data.config import xtuner_datasets
+    write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "a"}]}])
+    entry = {"anno_path": str(tmp_path / "t.jsonl"), "sample_ratio": 5.0, "name": "text"}
+    (tmp_path / "mix.json").write_text(json.dumps([entry]))
+    assert xtuner_datasets(small_cfg(datasets_json=json.dumps([entry]))) == [entry]
+    both = xtuner_datasets(small_cfg(datasets=[dict(entry, name="a")], datasets_json=str(tmp_path / "mix.json")))
+    assert [d["name"] for d in both] == ["a", "text"]
+    validate_data_config(small_cfg(datasets_json=str(tmp_path / "mix.json")))
+    with pytest.raises(ValueError, match=r"data.datasets_json: not valid JSON"):
+        xtuner_datasets(small_cfg(datasets_json="[{"))
+    with pytest.raises(ValueError, match=r"mix2.json: must be a JSON list of dataset objects"):
+        (tmp_path / "mix2.json").write_text('{"anno_path": "x"}')
+        xtuner_datasets(small_cfg(datasets_json=str(tmp_path / "mix2.json")))
+    with pytest.raises(ValueError, match=r"data.datasets\[0\].anno_path: not found"):
+        validate_data_config(small_cfg(datasets_json='[{"anno_path": "nowhere.jsonl"}]'))

@@ -6,7 +6,7 @@
         ``file:line: reason``. Exit status 1 if any record is bad.
 
     python -m mmjax.data show --config=configs/<name>.py --index=N
-        Sample N of the epoch index: the rendered conversation with supervised spans in [[...]] (green
+        Sample N of the epoch index: the rendered conversation with supervised spans in ⟦...⟧ (green
         on a terminal), image blocks collapsed, the tile grid of every image and the token counts.
 
 The tokenizer comes from ``config.tokenizer_path`` if set, else ``config.model_path``.
@@ -92,8 +92,11 @@ def _collapse_images(text):
                   lambda m: f"<img><IMG_CONTEXT>x{m.group(1).count('<IMG_CONTEXT>')}</img>", text)
 
 
+SUPERVISED = ("\u27e6", "\u27e7")   # the marks around supervised spans: not brackets data uses (boxes: [[x, y, ...]])
+
+
 def render_supervised(tokenizer, input_ids, labels, color=False):
-    """Decode with supervised spans wrapped in [[...]] (or green)."""
+    """Decode with supervised spans wrapped in SUPERVISED marks (and green)."""
     from mmjax.data.batch import IGNORE_INDEX
     parts, cur, cur_sup = [], [], None
     for t, l in zip(input_ids.tolist(), labels.tolist()):
@@ -109,7 +112,8 @@ def render_supervised(tokenizer, input_ids, labels, color=False):
     for sup, ids in parts:
         text = _collapse_images(tokenizer.decode(ids, skip_special_tokens=False))
         if sup:
-            text = f"\x1b[32m[[{text}]]\x1b[0m" if color else f"[[{text}]]"
+            text = f"{SUPERVISED[0]}{text}{SUPERVISED[1]}"
+            text = f"\x1b[32m{text}\x1b[0m" if color else text
         out.append(text)
     return "".join(out)
 

@@ -16,6 +16,7 @@ def default_data_config():
     c.meta_path = ""              # InternVL meta JSON {name: {root, annotation, data_augment, max_dynamic_patch, repeat_time}}
     c.data_txt = ""               # XComposer2 data.txt ('<json path> <k>' lines) or one XComposer JSON list
     c.datasets = []               # XTuner-style: [dict(anno_path=, media_root=, sample_ratio=1.0, name=)]
+    c.datasets_json = ""          # the same list as JSON text or a .json file (a list cannot be a flag)
     c.check_files = True          # stat every image path while reading records (cheap, up front)
     # conversation
     c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3
@@ -51,6 +52,30 @@ def default_data_config():
     return c
 
 
+def xtuner_datasets(c) -> list:
+    """``data.datasets`` followed by the entries of ``data.datasets_json`` (JSON text, or the path
+    of a JSON file, holding a list of XTuner dataset dicts); ValueError naming the key."""
+    import json
+    out = list(c.get("datasets") or [])
+    raw = c.get("datasets_json") or ""
+    if raw:
+        where = "data.datasets_json"
+        if not raw.lstrip().startswith("["):
+            if not os.path.isfile(raw):
+                raise ValueError(f"{where}: neither a JSON list nor a file: {raw[:80]}")
+            where = raw
+            with open(raw, encoding="utf-8") as f:
+                raw = f.read()
+        try:
+            extra = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(extra, list) or not all(isinstance(d, dict) for d in extra):
+            raise ValueError(f"{where}: must be a JSON list of dataset objects")
+        out += extra
+    return out
+
+
 def validate_data_config(c):
     """Raise ValueError with a one-line message naming the offending key or file."""
     if c.template not in TEMPLATES:
@@ -68,13 +93,15 @@ def validate_data_config(c):
                          f"({c.max_dynamic_patch})")
     if not 0.0 <= float(c.max_skip_fraction) <= 1.0:
         raise ValueError(f"data.max_skip_fraction: must be in [0, 1], got {c.max_skip_fraction}")
-    if not (c.get("meta_path") or c.get("data_txt") or c.get("datasets")):
-        raise ValueError("data: no source configured; set data.meta_path, data.data_txt or data.datasets")
+    datasets = xtuner_datasets(c)
+    if not (c.get("meta_path") or c.get("data_txt") or datasets):
+        raise ValueError("data: no source configured; set data.meta_path, data.data_txt, data.datasets or "
+                         "data.datasets_json")
     if c.get("meta_path") and not os.path.isfile(c.meta_path):
         raise ValueError(f"data.meta_path: file not found: {c.meta_path}")
     if c.get("data_txt") and not os.path.isfile(c.data_txt):
         raise ValueError(f"data.data_txt: file not found: {c.data_txt}")
-    for k, entry in enumerate(c.get("datasets") or []):
+    for k, entry in enumerate(datasets):
         anno = entry.get("anno_path") if hasattr(entry, "get") else None
         if not anno:
             raise ValueError(f"data.datasets[{k}].anno_path: missing")

@@ -22,8 +22,8 @@ from mmjax.data.synthetic import QUESTIONS, build_tiny_tokenizer, generate_shape
 
 
 def user_data_sources(data_cfg) -> list[str]:
-    """The data-source keys the config sets (``meta_path``, ``data_txt``, ``datasets``)."""
-    return [k for k in ("meta_path", "data_txt", "datasets") if data_cfg.get(k)]
+    """The data-source keys the config sets (``meta_path``, ``data_txt``, ``datasets``, ``datasets_json``)."""
+    return [k for k in ("meta_path", "data_txt", "datasets", "datasets_json") if data_cfg.get(k)]
 
 
 def prepare_embedded(cfg, workdir: str) -> list[str]:

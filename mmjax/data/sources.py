@@ -181,9 +181,81 @@ class _Bad(Exception):
     pass
 
 
+XTUNER_IMAGE = "<IMG_CONTEXT>"     # XTuner v1's image placeholder in a message's text
+XTUNER_VIDEO = "<VIDEO_CONTEXT>"   # and its video placeholder
+
+
+def _loss_default(role):
+    return role == "assistant"
+
+
+def _openai_messages(obj):
+    """An XTuner v1 record (OpenAI-style ``messages``: ``content`` a string or a list of ``text``,
+    ``image_url`` {url, image_wh}, ``video_url`` {url} items) -> the InternVL form this module
+    validates: ``conversations`` of strings with ``<image>`` / ``<video>`` placeholders, ``image``
+    (the urls in order), ``video``. As XTuner: a list's text items are concatenated, media items
+    add no text, each ``<IMG_CONTEXT>`` in the text takes the next image; a message whose images
+    have no placeholder anywhere in the record gets one per image before its text."""
+    turns, images, videos, placed = [], [], [], 0
+    for k, m in enumerate(obj["messages"], 1):
+        if not isinstance(m, dict):
+            raise _Bad(f"message {k} is not an object")
+        role = m.get("role")
+        if m.get("thinking") is not None:
+            raise _Bad(f"message {k} ({role}) has 'thinking', which mmjax does not train on yet")
+        if m.get("loss") is not None and bool(m["loss"]) != _loss_default(str(role)):
+            raise _Bad(f"message {k} ({role}) sets loss={m['loss']}; only the default (assistant turns "
+                       "supervised, others not) is supported")
+        content = m.get("content")
+        if isinstance(content, list):
+            text, own = "", []
+            for j, item in enumerate(content, 1):
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind == "text" and isinstance(item.get("text"), str):
+                    text += item["text"]
+                elif kind in ("image_url", "video_url", "image"):
+                    ref = item.get(kind) if kind != "image" else item.get("image")
+                    url = ref.get("url") if isinstance(ref, dict) else None
+                    if not isinstance(url, str) or not url:
+                        raise _Bad(f"message {k} item {j} ({kind}) has no url")
+                    wh = ref.get("image_wh")
+                    if wh is not None:
+                        wh = wh[0] if isinstance(wh, list) and len(wh) == 1 and isinstance(wh[0], list) else wh
+                        if not (isinstance(wh, list) and len(wh) == 2 and all(isinstance(x, int) and x > 0 for x in wh)):
+                            raise _Bad(f"message {k} item {j}: image_wh must be [width, height], got {ref['image_wh']}")
+                    if role != "user":
+                        raise _Bad(f"message {k} ({role}) holds a {kind}; media belong in user messages")
+                    (videos if kind == "video_url" else own).append(url)
+                else:
+                    raise _Bad(f"message {k} item {j}: unknown content item {str(item)[:60]}")
+            images += own
+            placed += text.count(XTUNER_IMAGE)
+            turns.append({"from": role, "value": text, "_images": len(own)})
+        elif isinstance(content, str):
+            placed += content.count(XTUNER_IMAGE)
+            turns.append({"from": role, "value": content, "_images": 0})
+        else:
+            raise _Bad(f"message {k} ({role}) has no content (a string or a list of items)")
+    for t in turns:
+        n = t.pop("_images")
+        if placed == 0 and n:
+            t["value"] = "<image>\n" * n + t["value"]
+        t["value"] = t["value"].replace(XTUNER_IMAGE, "<image>").replace(XTUNER_VIDEO, "<video>")
+    out = {"conversations": turns}
+    if images:
+        out["image"] = images
+    if len(videos) > 1:
+        raise _Bad(f"{len(videos)} videos in one record; mmjax takes one")
+    if videos:
+        out["video"] = videos[0]
+    return out
+
+
 def _fill_record(rec, obj, *, root, fmt, check_files):
     if not isinstance(obj, dict):
         raise _Bad(f"record is a {type(obj).__name__}, not an object")
+    if "conversations" not in obj and isinstance(obj.get("messages"), list):
+        obj = _openai_messages(obj)
     turns = obj.get("conversations")
     key_from, key_val = "from", "value"
     if turns is None and "messages" in obj:
@@ -411,8 +483,10 @@ def load_sources(cfg):
         sources += load_meta_json(cfg.meta_path, check_files=check_files)
     if cfg.get("data_txt"):
         sources += load_xcomposer(cfg.data_txt, seed=seed, check_files=check_files)
-    if cfg.get("datasets"):
-        sources += load_xtuner(list(cfg.datasets), seed=seed, check_files=check_files)
+    from mmjax.data.config import xtuner_datasets
+    datasets = xtuner_datasets(cfg)
+    if datasets:
+        sources += load_xtuner(datasets, seed=seed, check_files=check_files)
     seen = set()
     for s in sources:
         if s.name in seen:
