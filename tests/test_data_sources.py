@@ -361,3 +361,29 @@ def test_xtuner_datasets_from_json_text_or_file(tmp_path):
         xtuner_datasets(small_cfg(datasets_json=str(tmp_path / "mix2.json")))
     with pytest.raises(ValueError, match=r"data.datasets\[0\].anno_path: not found"):
         validate_data_config(small_cfg(datasets_json='[{"anno_path": "nowhere.jsonl"}]'))
+
+
+def test_relative_paths_resolve_from_the_launch_folder(tmp_path, monkeypatch):
+    """The tools' own layouts read from any working directory: an XComposer data.txt in
+    ``finetune/`` naming ``data/x.json`` whose images are ``data/images/...`` (relative to
+    ``finetune/``, where upstream launches), and an InternVL meta in ``internvl_chat/shell/data/``
+    naming ``playground/...`` (relative to ``internvl_chat/``)."""
+    ft = tmp_path / "finetune"
+    make_images(ft / "data" / "images", ["panda.png"])
+    (ft / "data" / "x.json").write_text(json.dumps([{"id": "0", "image": ["data/images/panda.png"], "conversations": [
+        {"from": "user", "value": "<ImageHere>What is it?"}, {"from": "assistant", "value": "A panda."}]}]))
+    (ft / "data.txt").write_text("data/x.json 1\n")
+    ic = tmp_path / "internvl_chat"
+    make_images(ic / "playground" / "img", ["a.png"])
+    write_jsonl(ic / "playground" / "a.jsonl", [{"image": "a.png", "conversations": conv()}])
+    (ic / "shell" / "data").mkdir(parents=True)
+    (ic / "shell" / "data" / "meta.json").write_text(json.dumps(
+        {"a": {"root": "playground/img/", "annotation": "playground/a.jsonl", "repeat_time": 1}}))
+    monkeypatch.chdir(tmp_path)            # neither launch folder
+    [xc] = src_lib.load_xcomposer(str(ft / "data.txt"))
+    assert xc.records[0].error is None and xc.records[0].images == [str(ft / "data" / "images" / "panda.png")]
+    [meta] = src_lib.load_meta_json(str(ic / "shell" / "data" / "meta.json"))
+    assert meta.records[0].error is None and meta.records[0].images == [str(ic / "playground" / "img" / "a.png")]
+    monkeypatch.chdir(ft)                  # upstream's launch folder: the paths as written
+    [xc] = src_lib.load_xcomposer("data.txt")
+    assert xc.records[0].images == ["data/images/panda.png"]

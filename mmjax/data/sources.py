@@ -3,10 +3,11 @@
 Every source is read into canonical ``Record`` objects (text-level validation only: no image decoding) and
 an index array saying which records make up one epoch (repeat_time / data.txt counts / sample_ratio).
 
-Path rules: a relative path in a config / meta / data.txt file is taken relative to the working directory
-when it exists there (as upstream, which launches from its repo), else relative to the file that names it.
-Image paths inside records are joined to the source root (``root`` / ``media_root``); XComposer image paths
-are used as written when they exist from the working directory, else relative to the JSON file.
+Path rules: a relative path in a config / meta / data.txt file, and an XComposer record's image path, is
+taken relative to the working directory when it exists there (as upstream, which launches from its repo's
+``internvl_chat/`` or ``finetune/``), else relative to the first of the naming file's folder and the folders
+above it where it exists (``_resolve``). InternVL / XTuner image paths inside records are joined to the
+source root (``root`` / ``media_root``).
 """
 
 from __future__ import annotations
@@ -58,9 +59,21 @@ class Source:
 
 
 def _resolve(path, base_dir):
+    """A relative path as upstream reads it, from the launch folder: the working directory when it
+    exists there, else the first of ``base_dir`` and the folders above it where it exists (the
+    tools' scripts run from a folder above their data files: ``internvl_chat/``, ``finetune/``),
+    else ``base_dir`` joined (the error then names that path)."""
     if not path or os.path.isabs(path) or os.path.exists(path):
         return path
-    return os.path.join(base_dir, path)
+    folder = os.path.abspath(base_dir)
+    while True:
+        candidate = os.path.join(folder, path)
+        if os.path.exists(candidate):
+            return candidate
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return os.path.join(base_dir, path)
+        folder = parent
 
 
 def _join_root(root, path):
@@ -329,8 +342,8 @@ def _fill_record(rec, obj, *, root, fmt, check_files):
         paths = [image] if isinstance(image, str) else image
         if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
             raise _Bad("'image' must be a path or a list of paths")
-        if fmt == "xcomposer":
-            paths = [p if (os.path.isabs(p) or os.path.exists(p)) else os.path.join(root, p) for p in paths]
+        if fmt == "xcomposer":   # relative to the launch folder (see _resolve), not a media root
+            paths = [_resolve(p, root) for p in paths]
         else:
             paths = [_join_root(root, p) for p in paths]
         if len(paths) == 1 and n_placeholders == 0:
