@@ -44,6 +44,20 @@ def test_render_internvl2_5_exact_and_system_turn():
     assert override.startswith("<|im_start|>system\nS<|im_end|>\n")
 
 
+def test_render_xtuner_intern_s1_and_internvl_3_5():
+    """XTuner v1's chatml: default system prompt when the record has none, answer + <|im_end|>
+    supervised, the newline after it not, and no think block (unlike qwen3)."""
+    conv = [("user", "<image>\nQ"), ("assistant", "A"), ("user", "Q2"), ("assistant", "B")]
+    sys_s1 = "你是书生大模型，英文名是Intern-S1，是由上海人工智能实验室开发的多模态大语言模型。"
+    body = "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n" \
+           "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nB<|im_end|>\n"
+    assert tpl.render_text("intern-s1", conv) == f"<|im_start|>system\n{sys_s1}<|im_end|>\n" + body
+    assert tpl.render_text("internvl-3.5", conv) == f"<|im_start|>system\n{SYS_25}<|im_end|>\n" + body
+    segs = tpl.render_segments("intern-s1", conv)
+    assert [s.text for s in segs if s.supervised] == ["A<|im_end|>", "B<|im_end|>"]
+    assert "<think>" not in tpl.render_text("intern-s1", conv)
+
+
 def test_render_qwen3_think_block():
     text = tpl.render_text("qwen3", CONV)
     # no default system; history turn plain; last assistant turn gets the empty think block

@@ -19,7 +19,7 @@ def default_data_config():
     c.datasets_json = ""          # the same list as JSON text or a .json file (a list cannot be a flag)
     c.check_files = True          # stat every image path while reading records (cheap, up front)
     # conversation
-    c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3
+    c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3 | intern-s1 | internvl-3.5
     c.system_message = ""         # overrides the template's default system prompt when set
     c.max_length = 8192           # per-sample token limit (truncation never cuts an image block)
     # images

@@ -12,6 +12,8 @@ Templates (names as upstream ``--conv_style``):
 * ``phi3-chat``: ``<|system|>\\n{SYS}<|end|><|user|>\\n{Q}<|end|><|assistant|>\\n{A}<|end|>``.
 * ``internvl2_5``: chatml, ``<|im_start|>{role}\\n{v}<|im_end|>\\n`` per turn with a system turn; an optional
   first ``system`` message replaces the default system prompt.
+* ``intern-s1`` / ``internvl-3.5`` (XTuner v1's names): the ``internvl2_5`` layout with Intern-S1's / InternVL's
+  default system prompt and no think block.
 * ``qwen3``: chatml without a default system prompt (as Qwen3's own chat template). Decision on the empty
   think block: Qwen3's chat template renders assistant turns *after the last user turn* as
   ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n{answer}`` when the answer has no reasoning, and strips
@@ -36,6 +38,8 @@ INTERNLM2_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开�
 INTERNVL2_5_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
                       "多模态大语言模型。")
 
+INTERN_S1_SYSTEM = "你是书生大模型，英文名是Intern-S1，是由上海人工智能实验室开发的多模态大语言模型。"
+
 
 @dataclasses.dataclass(frozen=True)
 class Template:
@@ -59,6 +63,11 @@ TEMPLATES = {
                             "<|im_start|>assistant\n", "<|im_end|>", "\n", INTERNVL2_5_SYSTEM),
     "qwen3": Template("qwen3", "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
                       "<|im_end|>", "\n", None, qwen3_think=True),
+    # XTuner v1's templates of the same names: chatml with a default system prompt, no think block
+    "intern-s1": Template("intern-s1", "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
+                          "<|im_end|>", "\n", INTERN_S1_SYSTEM),
+    "internvl-3.5": Template("internvl-3.5", "<|im_start|>system\n", "<|im_start|>user\n",
+                             "<|im_start|>assistant\n", "<|im_end|>", "\n", INTERNVL2_5_SYSTEM),
 }
 
 EMPTY_THINK = "<think>\n\n</think>\n\n"
