@@ -227,7 +227,7 @@ def _openai_messages(obj):
                 if kind == "text" and isinstance(item.get("text"), str):
                     text += item["text"]
                 elif kind in ("image_url", "video_url", "image"):
-                    ref = item.get(kind) if kind != "image" else item.get("image")
+                    ref = item.get(kind)
                     url = ref.get("url") if isinstance(ref, dict) else None
                     if not isinstance(url, str) or not url:
                         raise _Bad(f"message {k} item {j} ({kind}) has no url")

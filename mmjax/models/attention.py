@@ -421,6 +421,11 @@ def _kernel_inputs(q, k, v, segment_ids):
     return q, k, v, segment_ids.astype(jnp.int32), t
 
 
+def _kernel_output(out, segment_ids, t: int, dtype):
+    """A kernel's output cut back to the row's ``t`` tokens, padding positions zero (every backend's rule)."""
+    return jnp.where((segment_ids > 0)[..., None, None], out[:, :t], 0).astype(dtype)
+
+
 def _pallas_gpu(q, k, v, segment_ids, *, causal: bool, scale: float):
     from jax.experimental.pallas.ops.gpu import attention as triton_attention
     if jax.default_backend() not in ("gpu", "cuda", "rocm", "cpu"):
@@ -431,8 +436,8 @@ def _pallas_gpu(q, k, v, segment_ids, *, causal: bool, scale: float):
     sizes = triton_attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=b, block_kv_dkv=b,
                                         block_q_dq=b, block_kv_dq=b)
     out = triton_attention.mha(qp, kp, vp, seg, sm_scale=scale, causal=causal, block_sizes=sizes,
-                               interpret=_interpret())[:, :t]
-    return jnp.where((segment_ids > 0)[..., None, None], out, 0).astype(q.dtype)
+                               interpret=_interpret())
+    return _kernel_output(out, segment_ids, t, q.dtype)
 
 
 def _splash(q, k, v, segment_ids, *, causal: bool, scale: float):
@@ -456,8 +461,7 @@ def _splash(q, k, v, segment_ids, *, causal: bool, scale: float):
                      segment_ids=splash.SegmentIds(q=sr, kv=sr))
         return heads_first(out)
 
-    out = jax.vmap(row)(qp, kp, vp, seg)[:, :t]
-    return jnp.where((segment_ids > 0)[..., None, None], out, 0).astype(q.dtype)
+    return _kernel_output(jax.vmap(row)(qp, kp, vp, seg), segment_ids, t, q.dtype)
 
 
 def _on_shards(kernel, q, k, v, segment_ids, rows_axis: str, **kw):
