@@ -139,6 +139,54 @@ def second_finetune(name: str, model_path: str, template: str, *, lr: float, wei
     return c
 
 
+def xcomposer2_finetune(name: str, model_path: str, *, img_size: int, hd_num: int, hd_variant: str = "4khd",
+                        max_length: int, samples_per_step: int, fix_vit: bool = False) -> ml_collections.ConfigDict:
+    """InternLM-XComposer2's fine-tune scripts (full): AdamW lr 1e-5, weight decay 0.1, beta2 0.95,
+    1 % warmup then cosine, 1 epoch, ``max_length`` tokens a sample (image tokens included),
+    ``fix_vit`` as the script sets it, the sampler (``vision_proj`` + separators) trained. Upstream
+    pads one conversation per item; mmjax packs rows of ``max_length`` tokens, as many per step as
+    the script's samples would fill at half its length on average."""
+    c = base_config()
+    c.name = name
+    c.model_path = model_path
+    c.freeze.backbone = fix_vit
+    c.freeze.mlp = False
+    c.optim.lr = 1e-5
+    c.optim.weight_decay = 0.1
+    c.optim.b2 = 0.95
+    c.optim.warmup_ratio = 0.01
+    c.optim.schedule = "cosine"
+    c.data.template = "ixc2"
+    c.data.image_size = img_size
+    c.data.hd_num = hd_num
+    c.data.hd_variant = hd_variant
+    # tokens a tile gives with CLIP ViT-L/14: its patch grid, 2 x 2 merged for the HD variants
+    c.data.num_image_token = (img_size // 28) ** 2 if hd_num > 0 else (img_size // 14) ** 2
+    c.data.max_length = max_length
+    c.data.pack_max_length = max_length
+    tiles = 2 * (hd_num + 1) if hd_num > 0 else 8       # two HD images (crops + global view) a row
+    c.data.max_tiles_per_pack = tiles
+    c.data.batch_size = max(1, samples_per_step // 2)
+    c.grad_accum = 4 if c.data.batch_size % 4 == 0 else 1
+    return c
+
+
+def xcomposer2_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The LoRA script on top of :func:`xcomposer2_finetune`: r 64, alpha 64, dropout 0.05 on
+    ``attention.wqkv``, ``attention.wo``, ``feed_forward.w1/w2/w3``; lr 5e-5; ``fix_vit`` and
+    ``fix_sampler`` (upstream's name-substring rule would also train the separators and save the
+    frozen PLoRA weights; mmjax trains and saves the adapters only)."""
+    c.name = c.name + "_lora"
+    c.lora.llm_rank = 64
+    c.lora.alpha_ratio = 1.0
+    c.lora.dropout = 0.05
+    c.lora.llm_targets = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    c.optim.lr = 5e-5
+    c.freeze.backbone = c.freeze.mlp = c.freeze.llm = True
+    c.model.frozen_param_dtype = "bfloat16"
+    return c
+
+
 def lora_variant(c: ml_collections.ConfigDict, *, rank: int = 16, grad_accum: int = 2) -> ml_collections.ConfigDict:
     """Upstream's LoRA scripts on top of a 2nd-finetune config: rank r on the LLM (alpha 2r),
     ViT / MLP / LLM base frozen (base stored in bf16), no drop path, global batch 16 samples."""

@@ -22,15 +22,25 @@ IGNORE_INDEX = -100
 
 # per-row arrays the train step consumes (device arrays, split over devices and micro-batches)
 ROW_KEYS = ("input_ids", "labels", "segment_ids", "positions", "loss_weights", "pixel_values", "image_flags")
+# the XComposer2 family's (B, T) int32 arrays besides them (mmjax.models.xcomposer2): where each
+# position's image token comes from (-1 text) and its tile's slot in the row (-1 none)
+IMAGE_TOKEN_KEYS = ("image_token", "image_tile")
 # tile arrays among them: leading axis B * K
 TILE_KEYS = ("pixel_values", "image_flags")
 # per-row counts the host reads for throughput metrics
 COUNT_KEYS = ("num_samples", "num_real_tokens", "num_supervised_tokens")
 
 
-def batch_shapes(rows: int, tokens: int, tiles_per_row: int, image_size: int) -> dict[str, tuple[tuple, np.dtype]]:
-    """``{key: (shape, dtype)}`` of the ``ROW_KEYS`` of a batch of ``rows`` rows."""
-    out = {k: ((rows, tokens), np.dtype(np.int32)) for k in ("input_ids", "labels", "segment_ids", "positions")}
+def row_keys(image_tokens: bool = False) -> tuple[str, ...]:
+    """The per-row keys of a batch: ``ROW_KEYS``, plus ``IMAGE_TOKEN_KEYS`` for the XComposer2 family."""
+    return ROW_KEYS + (IMAGE_TOKEN_KEYS if image_tokens else ())
+
+
+def batch_shapes(rows: int, tokens: int, tiles_per_row: int, image_size: int,
+                 image_tokens: bool = False) -> dict[str, tuple[tuple, np.dtype]]:
+    """``{key: (shape, dtype)}`` of the :func:`row_keys` of a batch of ``rows`` rows."""
+    names = ("input_ids", "labels", "segment_ids", "positions") + (IMAGE_TOKEN_KEYS if image_tokens else ())
+    out = {k: ((rows, tokens), np.dtype(np.int32)) for k in names}
     out["loss_weights"] = ((rows, tokens), np.dtype(np.float32))
     out["pixel_values"] = ((rows * tiles_per_row, image_size, image_size, 3), np.dtype(np.float32))
     out["image_flags"] = ((rows * tiles_per_row,), np.dtype(np.int32))

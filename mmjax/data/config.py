@@ -19,7 +19,7 @@ def default_data_config():
     c.datasets_json = ""          # the same list as JSON text or a .json file (a list cannot be a flag)
     c.check_files = True          # stat every image path while reading records (cheap, up front)
     # conversation
-    c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3 | intern-s1 | internvl-3.5
+    c.template = "internvl2_5"     # internlm2-chat | phi3-chat | internvl2_5 | qwen3 | intern-s1 | internvl-3.5 | ixc2
     c.system_message = ""         # overrides the template's default system prompt when set
     c.max_length = 8192           # per-sample token limit (truncation never cuts an image block)
     # images
@@ -29,6 +29,10 @@ def default_data_config():
     c.max_dynamic_patch = 12
     c.use_thumbnail = True
     c.num_image_token = 256       # tokens per tile after pixel shuffle
+    # InternLM-XComposer2 (template 'ixc2'): -1 = each image one image_size square (IXC2 / IXC2-VL);
+    # > 0 = the HD grid of at most hd_num image_size crops + a global view (IXC2-4KHD '4khd', IXC2.5 '2.5')
+    c.hd_num = -1
+    c.hd_variant = "4khd"
     c.normalize_type = "imagenet"  # imagenet | clip | siglip
     c.alpha = "white"             # transparency: 'white' (composite on white) | 'drop' (upstream convert('RGB'))
     c.num_video_frames = 8        # frames sampled evenly from a video frame list / folder, one tile each
@@ -78,8 +82,13 @@ def xtuner_datasets(c) -> list:
 
 def validate_data_config(c):
     """Raise ValueError with a one-line message naming the offending key or file."""
-    if c.template not in TEMPLATES:
-        raise ValueError(f"data.template: unknown template {c.template!r}; choose from {sorted(TEMPLATES)}")
+    names = sorted(TEMPLATES) + ["ixc2"]
+    if c.template not in names:
+        raise ValueError(f"data.template: unknown template {c.template!r}; choose from {names}")
+    if c.get("hd_variant", "4khd") not in ("4khd", "2.5"):
+        raise ValueError(f"data.hd_variant: must be '4khd' or '2.5', got {c.hd_variant!r}")
+    if int(c.get("hd_num", -1)) == 0 or int(c.get("hd_num", -1)) < -1:
+        raise ValueError(f"data.hd_num: -1 (plain resize) or >= 1 (HD crops), got {c.hd_num}")
     if c.normalize_type not in NORMALIZE:
         raise ValueError(f"data.normalize_type: unknown {c.normalize_type!r}; choose from {sorted(NORMALIZE)}")
     if c.get("alpha", "white") not in ("white", "drop"):

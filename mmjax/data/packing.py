@@ -35,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from mmjax.data.batch import COUNT_KEYS, IGNORE_INDEX, ROW_KEYS
+from mmjax.data.batch import COUNT_KEYS, IGNORE_INDEX, IMAGE_TOKEN_KEYS, ROW_KEYS
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 PACKERS = {
@@ -87,6 +87,11 @@ def prepare_sample(sample: dict, *, loss_reduction: str, image_shape: tuple[int,
                          f"(tiles, {', '.join(map(str, image_shape))})")
     out = dict(input_ids=ids, labels=labels, loss_weights=weights.astype(np.float32),
                pixel_values=pixels, image_flags=flags)
+    for k in IMAGE_TOKEN_KEYS:       # XComposer2 samples
+        if k in sample:
+            out[k] = np.asarray(sample[k], np.int32).reshape(-1)
+            if out[k].shape != ids.shape:
+                raise ValueError(f"{k} {out[k].shape} and input_ids {ids.shape} differ in length")
     if "id" in sample:
         out["id"] = sample["id"]
     return out
@@ -146,13 +151,18 @@ class _BudgetCheckIterator(grain.DatasetIterator):
 
 
 def pack(ds: grain.IterDataset, *, algorithm: str, max_tokens: int, max_tiles: int, pad_id: int,
-         num_bins: int, seed: int, max_samples_per_row: int | None = None) -> grain.IterDataset:
-    """Packs prepared samples with grain's first-fit / best-fit packer (both budgets enforced)."""
+         num_bins: int, seed: int, max_samples_per_row: int | None = None,
+         image_tokens: bool = False) -> grain.IterDataset:
+    """Packs prepared samples with grain's first-fit / best-fit packer (both budgets enforced);
+    ``image_tokens``: the samples carry the XComposer2 family's per-token image arrays."""
     if algorithm not in PACKERS:
         raise ValueError(f"packing must be one of {sorted(PACKERS)} or 'none', got {algorithm!r}")
     lengths = {"input_ids": max_tokens, "labels": max_tokens, "loss_weights": max_tokens,
                "image_flags": max_tiles}
     padding = {"input_ids": pad_id, "labels": IGNORE_INDEX, "loss_weights": 0.0, "image_flags": 0}
+    if image_tokens:
+        lengths.update({k: max_tokens for k in IMAGE_TOKEN_KEYS})
+        padding.update({k: -1 for k in IMAGE_TOKEN_KEYS})
     return PACKERS[algorithm](
         ds, length_struct=lengths, padding_struct=padding, num_packing_bins=num_bins, seed=seed,
         shuffle_bins=True, meta_features=("pixel_values",),
@@ -165,7 +175,20 @@ def finalize_row(packed: dict, *, max_tiles: int, image_shape: tuple[int, int, i
     segs = packed["input_ids_segment_ids"].astype(np.int32)
     labels = packed["labels"].astype(np.int32)
     return _row(packed["input_ids"], labels, segs, packed["input_ids_positions"],
-                packed["loss_weights"], tiles, max_tiles, image_shape)
+                packed["loss_weights"], tiles, max_tiles, image_shape, _image_tokens(packed, segs, tiles))
+
+
+def _image_tokens(packed: dict, segs: np.ndarray, tiles: list) -> dict | None:
+    """The row's XComposer2 image arrays, each sample's tile numbers moved past the tiles of the
+    samples placed before it (segment s + 1 is the s-th sample placed; its tiles follow theirs)."""
+    if IMAGE_TOKEN_KEYS[0] not in packed:
+        return None
+    tile = np.array(packed["image_tile"], np.int32)
+    offset = 0
+    for s, t in enumerate(tiles):
+        tile[(segs == s + 1) & (tile >= 0)] += offset
+        offset += len(t)
+    return {"image_token": np.asarray(packed["image_token"], np.int32), "image_tile": tile}
 
 
 def pad_row(sample: dict, *, max_tokens: int, max_tiles: int, pad_id: int,
@@ -179,17 +202,23 @@ def pad_row(sample: dict, *, max_tokens: int, max_tiles: int, pad_id: int,
     pos = np.zeros(max_tokens, np.int32)
     ids[:n], labels[:n], weights[:n] = sample["input_ids"], sample["labels"], sample["loss_weights"]
     segs[:n], pos[:n] = 1, np.arange(n)
-    return _row(ids, labels, segs, pos, weights, [sample["pixel_values"]], max_tiles, image_shape)
+    extra = None
+    if IMAGE_TOKEN_KEYS[0] in sample:
+        extra = {k: np.full(max_tokens, -1, np.int32) for k in IMAGE_TOKEN_KEYS}
+        for k in IMAGE_TOKEN_KEYS:
+            extra[k][:n] = sample[k]
+    return _row(ids, labels, segs, pos, weights, [sample["pixel_values"]], max_tiles, image_shape, extra)
 
 
-def empty_row(*, max_tokens: int, max_tiles: int, pad_id: int, image_shape) -> dict:
+def empty_row(*, max_tokens: int, max_tiles: int, pad_id: int, image_shape, image_tokens: bool = False) -> dict:
     """An all-padding row (fills a short last batch so shapes stay static)."""
     z = np.zeros(max_tokens, np.int32)
+    extra = {k: np.full(max_tokens, -1, np.int32) for k in IMAGE_TOKEN_KEYS} if image_tokens else None
     return _row(np.full(max_tokens, pad_id, np.int32), np.full(max_tokens, IGNORE_INDEX, np.int32),
-                z, z, np.zeros(max_tokens, np.float32), [], max_tiles, image_shape)
+                z, z, np.zeros(max_tokens, np.float32), [], max_tiles, image_shape, extra)
 
 
-def _row(ids, labels, segs, pos, weights, tiles, max_tiles, image_shape) -> dict:
+def _row(ids, labels, segs, pos, weights, tiles, max_tiles, image_shape, image_tokens: dict | None = None) -> dict:
     pixels = np.zeros((max_tiles, *image_shape), np.float32)
     flags = np.zeros(max_tiles, np.int32)
     k = 0
@@ -205,14 +234,15 @@ def _row(ids, labels, segs, pos, weights, tiles, max_tiles, image_shape) -> dict
         segment_ids=np.asarray(segs, np.int32), positions=np.asarray(pos, np.int32),
         loss_weights=np.asarray(weights, np.float32), pixel_values=pixels, image_flags=flags,
         num_samples=np.int32(segs.max(initial=0)), num_real_tokens=np.int32((segs > 0).sum()),
-        num_supervised_tokens=np.int32(supervised.sum()))
+        num_supervised_tokens=np.int32(supervised.sum()), **(image_tokens or {}))
 
 
 def collate(rows: list[dict], *, batch_size: int, empty: dict) -> dict[str, Any]:
     """Stacks rows into a batch (the layout of ``mmjax.data.batch``); pads a short batch with
     ``empty`` rows. Tiles are concatenated: ``pixel_values`` (B * K, H, W, 3), ``image_flags`` (B * K,)."""
     rows = list(rows) + [empty] * (batch_size - len(rows))
-    batch = {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + tuple(k for k in IMAGE_TOKEN_KEYS if k in empty)
+    batch = {k: np.stack([r[k] for r in rows]) for k in keys}
     batch["pixel_values"] = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:])
     batch["image_flags"] = batch["image_flags"].reshape(-1)
     return batch

@@ -197,6 +197,7 @@ def build_loader(data_config, tokenizer=None, *, dataset: grain.MapDataset | Non
     seed = int(_cfg(data_config, "seed") if epoch_seed is None else epoch_seed)
     pad_id = resolve_pad_id(data_config, tokenizer)
     num_epochs = _cfg(data_config, "num_epochs")
+    image_tokens = _cfg(data_config, "template") == "ixc2"     # XComposer2's per-token image arrays
 
     # 1-3: per-epoch shuffle, epochs, shard the sample stream.
     ds = dataset
@@ -226,13 +227,14 @@ def build_loader(data_config, tokenizer=None, *, dataset: grain.MapDataset | Non
         max_per_row = _cfg(data_config, "max_samples_per_pack")
         it = packing_lib.pack(budget, algorithm=mode, max_tokens=seq_len, max_tiles=max_tiles,
                               pad_id=pad_id, num_bins=int(_cfg(data_config, "pack_num_bins")), seed=seed,
-                              max_samples_per_row=None if max_per_row is None else int(max_per_row))
+                              max_samples_per_row=None if max_per_row is None else int(max_per_row),
+                              image_tokens=image_tokens)
         it = it.map(functools.partial(packing_lib.finalize_row, max_tiles=max_tiles,
                                       image_shape=image_shape))
     # 6: batch (+ take this process's rows in shard_mode='rows').
     rows_per_batch = global_bs if shard_mode == "rows" else local_bs
     empty = packing_lib.empty_row(max_tokens=seq_len, max_tiles=max_tiles, pad_id=pad_id,
-                                  image_shape=image_shape)
+                                  image_shape=image_shape, image_tokens=image_tokens)
     it = it.batch(rows_per_batch, drop_remainder=bool(_cfg(data_config, "drop_remainder")),
                   batch_fn=functools.partial(packing_lib.collate, batch_size=rows_per_batch, empty=empty))
     if shard_mode == "rows" and process_count > 1:

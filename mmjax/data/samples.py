@@ -21,6 +21,7 @@ from absl import logging
 
 from mmjax.data import images as img_lib
 from mmjax.data import templates as tpl
+from mmjax.data import xcomposer as xc_data
 from mmjax.data.batch import IGNORE_INDEX
 from mmjax.data.config import validate_data_config
 from mmjax.data.sources import load_sources
@@ -64,15 +65,32 @@ def expand_video_placeholder(messages, n_frames):
     return out
 
 
+def load_record_image(path, alpha="white"):
+    """A record's image as RGB; a missing or unreadable file is a ``SampleError`` naming it."""
+    try:
+        return img_lib.load_image(path, alpha=alpha)
+    except FileNotFoundError:
+        raise SampleError(f"missing image: {path}") from None
+    except Exception as e:
+        raise SampleError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+
+
 class SampleBuilder:
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
+        self.xcomposer = None
+        if cfg.template == xc_data.TEMPLATE:     # InternLM-XComposer2: its own text and image tokens
+            self.xcomposer = xc_data.XComposerTokens(tokenizer)
+            return
         self.ctx = tpl.TokenizeContext(tokenizer, cfg.num_image_token)
         self.template = tpl.get_template(cfg.template)
 
     def build(self, record, *, index=0, source_id=0, data_augment=False, max_dynamic_patch=None,
               with_info=False, verify_tokenization=False):
         cfg = self.cfg
+        if self.xcomposer is not None:
+            sample, info = xc_data.build_sample(cfg, self.xcomposer, record, index=index, source_id=source_id)
+            return (sample, info) if with_info else sample
         if record.error:
             raise SampleError(record.error)
         aug_rng = np.random.default_rng([int(cfg.seed), int(index)]) if data_augment else None
@@ -89,12 +107,7 @@ class SampleBuilder:
             budget = max(1, mdp // len(paths)) if len(paths) > 1 else mdp
             dynamic = bool(cfg.dynamic_image_size)
         for p in paths:
-            try:
-                im = img_lib.load_image(p, alpha=cfg.get("alpha", "white"))
-            except FileNotFoundError:
-                raise SampleError(f"missing image: {p}") from None
-            except Exception as e:
-                raise SampleError(f"unreadable image {p}: {type(e).__name__}: {e}") from None
+            im = load_record_image(p, cfg.get("alpha", "white"))
             pv, grid = img_lib.process_image(
                 im, min_num=min(int(cfg.min_dynamic_patch), budget), max_num=budget, image_size=int(cfg.image_size),
                 use_thumbnail=bool(cfg.use_thumbnail), dynamic=dynamic, normalize_type=cfg.normalize_type,

@@ -35,6 +35,9 @@ class Record:
     images: list = dataclasses.field(default_factory=list)     # resolved image paths
     video: list | None = None                                  # resolved frame paths (all frames)
     error: str | None = None
+    # the record's one image had no placeholder and "<image>\n" was put before the first user text
+    # (XComposer2 puts such an image before the whole conversation instead)
+    image_prepended: bool = False
 
     @property
     def where(self):
@@ -349,6 +352,7 @@ def _fill_record(rec, obj, *, root, fmt, check_files):
         if len(paths) == 1 and n_placeholders == 0:
             msgs[first_user][1] = "<image>\n" + msgs[first_user][1]
             n_placeholders = 1
+            rec.image_prepended = True
         if n_placeholders != len(paths):
             raise _Bad(f"{n_placeholders} <image> placeholders for {len(paths)} images")
         if check_files:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from mmjax.models import attention as attn_lib
 from mmjax.models.layers import (REMAT_POLICIES, Dense, KVCache, RMSNorm, RopeConfig, active_token_chunks,
-                                 apply_rope, cache_write, init_kv_cache, map_token_chunks, normal_init, param,
+                                 add_partial_lora, apply_rope, cache_write, init_kv_cache, map_token_chunks, normal_init, param,
                                  positions_from_mask, rope_cos_sin, scan_layers, stacked, swiglu, token_matmul)
 from mmjax.sharding import constrain
 
@@ -55,6 +55,11 @@ class DecoderConfig:
     # this many tokens and skips the chunks that hold only padding (0: the whole row at once)
     token_chunk: int = 0
     init_std: float = 0.02
+    # InternLM-XComposer2's partial LoRA: (projection, rank, scaling) for each projection that adds
+    # scaling * x A B at image-token positions (projection names as in this module: qkv_proj,
+    # o_proj, gate_proj, up_proj, down_proj); part of the base model, trained with it in full
+    # fine-tuning. Ranks and scalings differ per projection in IXC2-4KHD (wqkv 8 / 2.0, others 256 / 1.0)
+    plora: tuple[tuple[str, int, float], ...] = ()
 
     def __post_init__(self):
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -66,6 +71,11 @@ class DecoderConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if not isinstance(self.token_chunk, int) or self.token_chunk < 0:
             raise ValueError(f"token_chunk must be an integer >= 0, got {self.token_chunk!r}")
+        known = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                 "down_proj")
+        for entry in self.plora:
+            if len(entry) != 3 or entry[0] not in known or int(entry[1]) < 1:
+                raise ValueError(f"plora entry {entry!r}: expected (projection in {known}, rank >= 1, scaling)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -76,6 +86,14 @@ class DecoderConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+def _add_partial_loras(module: nnx.Module, cfg: DecoderConfig, rngs, param_dtype) -> None:
+    """The partial-LoRA branches ``cfg.plora`` names on the projections this module holds."""
+    for name, rank, scaling in cfg.plora:
+        if hasattr(module, name):
+            add_partial_lora(getattr(module, name), int(rank), float(scaling), rngs=rngs, param_dtype=param_dtype,
+                             init_std=cfg.init_std)
 
 
 class Attention(nnx.Module):
@@ -94,25 +112,26 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, axis_name=None, param_dtype=param_dtype)
             self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, axis_name=None, param_dtype=param_dtype)
+        _add_partial_loras(self, cfg, rngs, param_dtype)
 
-    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def qkv(self, x: jax.Array, image_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg = self.cfg
         b, t, _ = x.shape
         d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         if cfg.qkv_layout == "separate":
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = self.q_proj(x, image_mask), self.k_proj(x, image_mask), self.v_proj(x, image_mask)
         elif cfg.qkv_layout == "fused":
-            y = self.qkv_proj(x)
+            y = self.qkv_proj(x, image_mask)
             q, k, v = y[..., :cfg.q_dim], y[..., cfg.q_dim:cfg.q_dim + cfg.kv_dim], y[..., cfg.q_dim + cfg.kv_dim:]
         else:  # internlm2: rows grouped per KV head as [q_{kG} .. q_{kG+G-1}, k_k, v_k]
             g = hq // hkv
-            y = self.qkv_proj(x).reshape(b, t, hkv, g + 2, d)
+            y = self.qkv_proj(x, image_mask).reshape(b, t, hkv, g + 2, d)
             q, k, v = y[:, :, :, :g], y[:, :, :, g], y[:, :, :, g + 1]
         return q.reshape(b, t, hq, d), k.reshape(b, t, hkv, d), v.reshape(b, t, hkv, d)
 
-    def project(self, x, cos, sin):
+    def project(self, x, cos, sin, image_mask=None):
         """Per token: q, k, v with the q / k norms and the rotary embedding applied."""
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, image_mask)
         q = constrain(q, ("batch", "seq", "act_heads", None))
         k = constrain(k, ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -127,18 +146,18 @@ class Attention(nnx.Module):
                                                              block=self.cfg.attention_block)
         return out.reshape(out.shape[:2] + (-1,))
 
-    def __call__(self, x, cos, sin, prepared, kv=None, index=None):
+    def __call__(self, x, cos, sin, prepared, kv=None, index=None, image_mask=None):
         """``prepared``: the backend's per-forward object (``attention.Backend.prepare``) for a full
         forward pass, or, with a KV cache (``kv``), the dense (B, 1, T, S) mask over the cache."""
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, image_mask)
         if kv is None:
-            return self.o_proj(self.attend(q, k, v, prepared)), kv
+            return self.o_proj(self.attend(q, k, v, prepared), image_mask), kv
         k = cache_write(kv[0], k, index)
         v = cache_write(kv[1], v, index)
         out = attn_lib.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), prepared,
                                              scale=self.cfg.head_dim ** -0.5)
         b, t = out.shape[:2]
-        return self.o_proj(out.reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.reshape(b, t, -1), image_mask), (k, v)
 
 
 class MLP(nnx.Module):
@@ -152,15 +171,16 @@ class MLP(nnx.Module):
         else:
             self.gate_up_proj = Dense(h, 2 * i, axes=("embed", "mlp"), **kw)
         self.down_proj = Dense(i, h, axes=("mlp", "embed"), **kw)
+        _add_partial_loras(self, cfg, rngs, param_dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, image_mask=None):
         if self.cfg.mlp_layout == "separate":
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = self.gate_proj(x, image_mask), self.up_proj(x, image_mask)
         else:
-            y = self.gate_up_proj(x)
+            y = self.gate_up_proj(x, image_mask)
             gate, up = y[..., :self.cfg.intermediate_size], y[..., self.cfg.intermediate_size:]
         axes = ("batch", "seq", "act_mlp")
-        return self.down_proj(swiglu(constrain(gate, axes), constrain(up, axes)))
+        return self.down_proj(swiglu(constrain(gate, axes), constrain(up, axes)), image_mask)
 
 
 class DecoderLayer(nnx.Module):
@@ -170,23 +190,32 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, image_mask=None):
+        a, kv = self.attn(self.input_norm(x), cos, sin, mask, kv, index, image_mask)
         x = x + a.astype(x.dtype)
-        x = x + self.mlp(self.post_attention_norm(x)).astype(x.dtype)
+        x = x + self.mlp(self.post_attention_norm(x), image_mask).astype(x.dtype)
         return x, kv
 
-    def forward_chunked(self, x, cos, sin, prepared, active, chunk: int):
+    def forward_chunked(self, x, cos, sin, prepared, active, chunk: int, image_mask=None):
         """The full forward pass with the per-token work in token chunks, the chunks ``active``
         marks as padding-only skipped (their outputs zeros: nothing reads a padding position)."""
-        q, k, v = map_token_chunks(lambda xc, cc, sc: self.attn.project(self.input_norm(xc), cc, sc),
-                                   active, chunk, x, cos, sin)
+        if image_mask is None:
+            q, k, v = map_token_chunks(lambda xc, cc, sc: self.attn.project(self.input_norm(xc), cc, sc),
+                                       active, chunk, x, cos, sin)
 
-        def rest(xc, ac):
-            h = xc + self.attn.o_proj(ac).astype(xc.dtype)
-            return h + self.mlp(self.post_attention_norm(h)).astype(h.dtype)
+            def rest(xc, ac):
+                h = xc + self.attn.o_proj(ac).astype(xc.dtype)
+                return h + self.mlp(self.post_attention_norm(h)).astype(h.dtype)
 
-        return map_token_chunks(rest, active, chunk, x, self.attn.attend(q, k, v, prepared))
+            return map_token_chunks(rest, active, chunk, x, self.attn.attend(q, k, v, prepared))
+        q, k, v = map_token_chunks(lambda xc, cc, sc, mc: self.attn.project(self.input_norm(xc), cc, sc, mc),
+                                   active, chunk, x, cos, sin, image_mask)
+
+        def rest_masked(xc, ac, mc):
+            h = xc + self.attn.o_proj(ac, mc).astype(xc.dtype)
+            return h + self.mlp(self.post_attention_norm(h), mc).astype(h.dtype)
+
+        return map_token_chunks(rest_masked, active, chunk, x, self.attn.attend(q, k, v, prepared), image_mask)
 
 
 class CausalLM(nnx.Module):
@@ -216,10 +245,14 @@ class CausalLM(nnx.Module):
                              self.dtype if dtype is None else dtype)
 
     def decode_embeds(self, embeds: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, image_mask: jax.Array | None = None
+                      ) -> tuple[jax.Array, KVCache | None]:
         """Run the layers on ``embeds`` (B, T, H). With ``cache`` the T new tokens are written at
         ``cache.index`` and attend to every cached slot of their segment; returns the final-normed
-        hidden states and the updated cache (None without a cache)."""
+        hidden states and the updated cache (None without a cache). ``image_mask`` (B, T) marks the
+        image-token positions for a partial-LoRA decoder (``cfg.plora_rank``)."""
+        if not self.cfg.plora:
+            image_mask = None
         cfg = self.cfg
         segment_ids = segment_ids.astype(jnp.int32)
         positions = positions.astype(jnp.int32)
@@ -232,9 +265,9 @@ class CausalLM(nnx.Module):
 
             def body(layer, h, _):
                 if active is not None:
-                    return constrain(layer.forward_chunked(h, cos, sin, mask, active, cfg.token_chunk),
+                    return constrain(layer.forward_chunked(h, cos, sin, mask, active, cfg.token_chunk, image_mask),
                                      hidden_axes), None
-                h, _ = layer(h, cos, sin, mask)
+                h, _ = layer(h, cos, sin, mask, image_mask=image_mask)
                 return constrain(h, hidden_axes), None
 
             x, _ = scan_layers(self.layers, body, x, None, remat=cfg.remat)
@@ -246,7 +279,7 @@ class CausalLM(nnx.Module):
         mask = attn_lib.attention_mask(segment_ids, kv_seg, positions, kv_pos, causal=True)
 
         def body_cached(layer, h, kv):
-            h, kv = layer(h, cos, sin, mask, kv, index)
+            h, kv = layer(h, cos, sin, mask, kv, index, image_mask)
             return h, kv
 
         x, (k, v) = scan_layers(self.layers, body_cached, x, (cache.k, cache.v), remat=cfg.remat)

@@ -40,14 +40,14 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, *, temperature: floa
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "top_k"))
-def _generate(graphdef, state, prefill_embeds, prefill_mask, rng, eos, pad_token_id, *, max_new_tokens,
-              temperature, top_p, top_k):
+def _generate(graphdef, state, prefill_embeds, prefill_mask, prefill_image_mask, rng, eos, pad_token_id, *,
+              max_new_tokens, temperature, top_p, top_k):
     lm = nnx.merge(graphdef, state)
     b, t = prefill_mask.shape
     mask = prefill_mask.astype(jnp.int32)
     positions = positions_from_mask(mask)
     cache = lm.init_cache(b, t + max_new_tokens)
-    hidden, cache = lm.decode_embeds(prefill_embeds, mask, positions, cache)
+    hidden, cache = lm.decode_embeds(prefill_embeds, mask, positions, cache, image_mask=prefill_image_mask)
     last = t - 1 - jnp.argmax(mask[:, ::-1], axis=-1)            # last real prompt token (any padding side)
     logits = lm.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0]
     next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)          # positions continue per row
@@ -75,9 +75,11 @@ def _generate(graphdef, state, prefill_embeds, prefill_mask, rng, eos, pad_token
 
 def generate(lm, prefill_embeds: jax.Array, prefill_mask: jax.Array, *, max_new_tokens: int,
              eos_token_ids: int | Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, rng: jax.Array | None = None, pad_token_id: int = 0) -> tuple[jax.Array, jax.Array]:
+             top_k: int = 0, rng: jax.Array | None = None, pad_token_id: int = 0,
+             prefill_image_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Generate up to ``max_new_tokens`` after the prompt ``prefill_embeds`` (B, T, H) whose real
-    tokens are ``prefill_mask == 1`` (left or right padding).
+    tokens are ``prefill_mask == 1`` (left or right padding). ``prefill_image_mask`` (B, T) marks
+    the prompt's image tokens for a partial-LoRA decoder (XComposer2); generated tokens are text.
 
     Returns ``(ids (B, max_new_tokens) int32, lengths (B,))``: ``lengths`` counts the generated
     tokens of each row including its EOS; slots after it hold ``pad_token_id``. Greedy when
@@ -92,6 +94,7 @@ def generate(lm, prefill_embeds: jax.Array, prefill_mask: jax.Array, *, max_new_
         rng = jax.random.key(0)
     graphdef, state = nnx.split(lm)
     eos = jnp.asarray(eos_token_ids, jnp.int32)
-    return _generate(graphdef, state, prefill_embeds, prefill_mask, rng, eos, jnp.asarray(pad_token_id, jnp.int32),
+    return _generate(graphdef, state, prefill_embeds, prefill_mask, prefill_image_mask, rng, eos,
+                     jnp.asarray(pad_token_id, jnp.int32),
                      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
                      top_k=int(top_k))

@@ -49,4 +49,15 @@ def weight_rules(cfg: DecoderConfig) -> list[TensorRule]:
     ]
     if not cfg.tie_word_embeddings:
         rules.append(TensorRule("output.weight", ("lm_head",), "linear"))
+    modules = {path[-1]: (hf, path) for hf, path in PLORA_MODULES}
+    for name, _, _ in cfg.plora:   # InternLM-XComposer2: Plora_A / Plora_B inside a projection (nn.Linear layout)
+        hf, path = modules[name]
+        rules += [TensorRule(f"{layer}.{hf}.Plora_A.weight", L + path + ("plora_a",), "linear"),
+                  TensorRule(f"{layer}.{hf}.Plora_B.weight", L + path + ("plora_b",), "linear")]
     return rules
+
+
+# the projections that carry a partial-LoRA branch in InternLM-XComposer2 (HF module -> mmjax path)
+PLORA_MODULES = (("attention.wqkv", ("attn", "qkv_proj")), ("attention.wo", ("attn", "o_proj")),
+                 ("feed_forward.w1", ("mlp", "gate_proj")), ("feed_forward.w3", ("mlp", "up_proj")),
+                 ("feed_forward.w2", ("mlp", "down_proj")))

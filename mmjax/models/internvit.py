@@ -10,6 +10,12 @@ Math (see docs/architecture.md and the InternVL reference study, section 1.2):
 No final norm. ``select_layer`` picks the output of one layer (-1 = last; k >= 0 indexes
 ``[embedding output, layer 0 output, ...]``) and the CLS token is dropped.
 
+The same module is the CLIP vision tower of InternLM-XComposer2 (``clip_layout``: transformers'
+``CLIPVisionModel`` keys and shapes): a LayerNorm after the embeddings (``pre_layrnorm``), no
+layer scale, quick-GELU, a patch convolution without bias; its ``post_layernorm`` is not on the
+feature path (features are a hidden state, as upstream selects them) and is kept only for the
+checkpoint.
+
 Parameter structure mirrors the checkpoint: upstream InternVL-Chat stores a fused ``attn.qkv``
 ([Q | K | V], heads contiguous), the transformers-native ``InternVLVisionModel`` stores separate
 ``q_proj`` / ``k_proj`` / ``v_proj``; ``qkv_layout`` selects which one this module holds.
@@ -37,6 +43,7 @@ TOKEN_AXES = ("tiles", "vit_tokens", "act_embed")   # the logical axes of the Vi
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 QKV_LAYOUTS = ("fused", "separate")
+ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +62,12 @@ class InternViTConfig:
     qkv_layout: str = "fused"              # fused: attn.qkv [Q|K|V] | separate: q_proj/k_proj/v_proj
     layer_scale_init: float = 1.0          # ls1 / ls2 init (checkpoints overwrite it)
     drop_path_rate: float = 0.0            # DropPath rates = linspace(0, rate, num_layers)
-    hidden_act: str = "gelu"
+    hidden_act: str = "gelu"               # gelu (exact) | quick_gelu (CLIP)
+    # CLIP's differences (transformers CLIPVisionModel): its checkpoint shapes for the CLS and
+    # position embeddings, a LayerNorm after the embeddings, no layer scale, no patch bias; and
+    # whether the checkpoint carries the (unused) post_layernorm
+    clip_layout: bool = False
+    post_layernorm: bool = False
     remat: str = "none"                    # policy name in layers.REMAT_POLICIES
     attention: str = "xla"                 # a backend of mmjax.models.attention (its attend_full)
     attention_block: int = 0               # tile bound of tiled backends (0: the whole sequence)
@@ -69,8 +81,10 @@ class InternViTConfig:
             raise ValueError(f"qkv_layout must be one of {QKV_LAYOUTS}, got {self.qkv_layout!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        if self.hidden_act != "gelu":
-            raise ValueError(f"InternViT uses exact GELU; unsupported hidden_act {self.hidden_act!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.clip_layout and (self.qkv_layout != "separate" or self.norm_type != "layer_norm"):
+            raise ValueError("the CLIP layout has separate q/k/v and LayerNorms")
 
     @property
     def head_dim(self) -> int:
@@ -194,6 +208,26 @@ def bicubic_resize_2d(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
+def config_from_clip(vc: dict, **overrides) -> InternViTConfig:
+    """From a transformers ``CLIPVisionConfig`` dict (``model_type: clip_vision_model``; its class
+    defaults for absent keys are the ViT-B/32 ones, so XComposer2 passes the ViT-L/14 values)."""
+    act = vc.get("hidden_act", "quick_gelu")
+    kw = dict(hidden_size=int(vc.get("hidden_size", 768)), num_layers=int(vc.get("num_hidden_layers", 12)),
+              num_heads=int(vc.get("num_attention_heads", 12)),
+              intermediate_size=int(vc.get("intermediate_size", 3072)),
+              image_size=_pair(vc.get("image_size", 224)), patch_size=_pair(vc.get("patch_size", 32)),
+              num_channels=int(vc.get("num_channels", 3)), norm_type="layer_norm",
+              eps=float(vc.get("layer_norm_eps", 1e-5)), qkv_bias=True, qk_normalization=False,
+              qkv_layout="separate", hidden_act=act, clip_layout=True, post_layernorm=True)
+    kw.update(overrides)
+    return InternViTConfig(**kw)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 def _norm(cfg: InternViTConfig, dim: int, axis: str | None, param_dtype) -> nnx.Module:
     if cfg.norm_type == "layer_norm":
         return LayerNorm(dim, eps=cfg.eps, axis_name=axis, param_dtype=param_dtype)
@@ -209,7 +243,7 @@ class PatchEmbedding(nnx.Module):
         std = 1.0 / math.sqrt(p * p * c)
         self.kernel = param((std * jax.random.normal(rngs.params(), (p, p, c, cfg.hidden_size))).astype(param_dtype),
                             (None, None, None, "vit_embed"))
-        self.bias = param(jnp.zeros((cfg.hidden_size,), param_dtype), ("vit_embed",))
+        self.bias = None if cfg.clip_layout else param(jnp.zeros((cfg.hidden_size,), param_dtype), ("vit_embed",))
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         n, h, w, c = pixels.shape
@@ -220,7 +254,7 @@ class PatchEmbedding(nnx.Module):
         x = pixels.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p * c)
         k = self.kernel[...].reshape(p * p * c, -1)
         y = token_matmul(x.astype(self.dtype), k.astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class ViTAttention(nnx.Module):
@@ -262,9 +296,10 @@ class ViTMLP(nnx.Module):
         dense = functools.partial(Dense, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=True)
         self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, axes=("vit_embed", "vit_mlp"))
         self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, axes=("vit_mlp", "vit_embed"))
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else gelu_exact
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_exact(constrain(self.fc1(x), ("tiles", "vit_tokens", "act_mlp"))))
+        return self.fc2(self.act(constrain(self.fc1(x), ("tiles", "vit_tokens", "act_mlp"))))
 
 
 def _drop_path(y: jax.Array, key: jax.Array | None, rate: jax.Array | None) -> jax.Array:
@@ -283,17 +318,21 @@ class InternViTLayer(nnx.Module):
         self.attn = ViTAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = _norm(cfg, c, "vit_embed", param_dtype)
         self.mlp = ViTMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ls1 = param(jnp.full((c,), cfg.layer_scale_init, param_dtype), ("vit_embed",))
-        self.ls2 = param(jnp.full((c,), cfg.layer_scale_init, param_dtype), ("vit_embed",))
+        if cfg.clip_layout:   # no layer scale
+            self.ls1 = self.ls2 = None
+        else:
+            self.ls1 = param(jnp.full((c,), cfg.layer_scale_init, param_dtype), ("vit_embed",))
+            self.ls2 = param(jnp.full((c,), cfg.layer_scale_init, param_dtype), ("vit_embed",))
 
     def __call__(self, x: jax.Array, keys: jax.Array | None = None, rate: jax.Array | None = None) -> jax.Array:
         k1 = k2 = None
         if keys is not None:
             k1, k2 = keys[0], keys[1]
         dt = x.dtype
-        y = self.attn(self.norm1(x)) * self.ls1[...].astype(dt)
+        scale = (lambda y, ls: y) if self.ls1 is None else (lambda y, ls: y * ls[...].astype(dt))
+        y = scale(self.attn(self.norm1(x)), self.ls1)
         x = x + _drop_path(y, k1, rate).astype(dt)
-        y = self.mlp(self.norm2(x)) * self.ls2[...].astype(dt)
+        y = scale(self.mlp(self.norm2(x)), self.ls2)
         return x + _drop_path(y, k2, rate).astype(dt)
 
 
@@ -305,19 +344,28 @@ class InternViT(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         c = cfg.hidden_size
         self.patch_embedding = PatchEmbedding(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.class_embedding = param((0.02 * jax.random.normal(rngs.params(), (1, 1, c))).astype(param_dtype),
-                                     (None, None, "vit_embed"))
+        # the checkpoint's shapes: (1, 1, C) / (1, 1 + P, C) upstream, (C,) / (1 + P, C) in CLIP
+        cls_shape, pos_shape = ((c,), (1 + cfg.num_patches, c)) if cfg.clip_layout else \
+            ((1, 1, c), (1, 1 + cfg.num_patches, c))
+        self.class_embedding = param((0.02 * jax.random.normal(rngs.params(), cls_shape)).astype(param_dtype),
+                                     (None,) * (len(cls_shape) - 1) + ("vit_embed",))
         self.position_embedding = param(
-            (0.02 * jax.random.normal(rngs.params(), (1, 1 + cfg.num_patches, c))).astype(param_dtype),
-            (None, None, "vit_embed"))
+            (0.02 * jax.random.normal(rngs.params(), pos_shape)).astype(param_dtype),
+            (None,) * (len(pos_shape) - 1) + ("vit_embed",))
+        self.pre_layrnorm = LayerNorm(c, eps=cfg.eps, axis_name="vit_embed", param_dtype=param_dtype) \
+            if cfg.clip_layout else None
+        self.post_layernorm = LayerNorm(c, eps=cfg.eps, axis_name="vit_embed", param_dtype=param_dtype) \
+            if cfg.clip_layout and cfg.post_layernorm else None
         self.layers = stacked(lambda r: InternViTLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
                               cfg.num_layers, rngs)
 
     # ---------------------------------------------------------------------------------------
     def position_embeddings(self, gh: int, gw: int) -> jax.Array:
         """(1, 1 + gh*gw, C) float32: CLS position as is, patch grid bicubically resized."""
-        pos = self.position_embedding[...].astype(jnp.float32)
         g, c = self.cfg.grid, self.cfg.hidden_size
+        pos = self.position_embedding[...].astype(jnp.float32).reshape(1, 1 + g * g, c)
+        if (gh, gw) == (g, g):
+            return pos
         grid = bicubic_resize_2d(pos[0, 1:].reshape(g, g, c), gh, gw).reshape(1, gh * gw, c)
         return jnp.concatenate([pos[:, :1], grid], axis=1)
 
@@ -325,10 +373,12 @@ class InternViT(nnx.Module):
         n, h, w, _ = pixel_values.shape
         p = self.cfg.patch_size
         x = self.patch_embedding(pixel_values)
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, x.shape[-1]))
+        cls = jnp.broadcast_to(self.class_embedding[...].reshape(1, 1, -1).astype(x.dtype), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         # positions are resized in float32 and cast to the compute dtype before the add (as upstream)
         x = x.astype(self.dtype) + self.position_embeddings(h // p, w // p).astype(self.dtype)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
         return constrain(x, TOKEN_AXES)
 
     def layers_read(self, select_layer: int = -1) -> int:
@@ -384,9 +434,10 @@ class InternViT(nnx.Module):
 def weight_rules(cfg: InternViTConfig, layout: str = "internvl_chat") -> list[TensorRule]:
     """HF tensor names relative to the vision module ('vision_model.' / 'model.vision_tower.' not included).
 
-    layout ``internvl_chat`` (upstream, fused qkv) or ``hf`` (transformers, separate q/k/v).
+    layout ``internvl_chat`` (upstream, fused qkv), ``hf`` (transformers, separate q/k/v) or
+    ``clip`` (transformers ``CLIPVisionModel``, relative to its ``vision_model.``).
     """
-    want = {"internvl_chat": "fused", "hf": "separate"}
+    want = {"internvl_chat": "fused", "hf": "separate", "clip": "separate"}
     if layout not in want:
         raise ValueError(f"unknown layout {layout!r}")
     if cfg.qkv_layout != want[layout]:
@@ -406,6 +457,24 @@ def weight_rules(cfg: InternViTConfig, layout: str = "internvl_chat") -> list[Te
         if bias:
             out.append(R(key + ".bias", L + path + ("bias",)))
         return out
+
+    if (layout == "clip") != cfg.clip_layout:
+        raise ValueError(f"layout {layout!r} does not match the module's clip_layout={cfg.clip_layout}")
+    if layout == "clip":
+        e, p = "embeddings.", "encoder.layers.{i}."
+        rules = [R(e + "class_embedding", ("class_embedding",)),
+                 R(e + "patch_embedding.weight", ("patch_embedding", "kernel"), "conv"),
+                 R(e + "position_embedding.weight", ("position_embedding",)),
+                 R("pre_layrnorm.weight", ("pre_layrnorm", "weight")), R("pre_layrnorm.bias", ("pre_layrnorm", "bias"))]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            rules += linear(p + "self_attn." + name, ("attn", name))
+        rules += linear(p + "self_attn.out_proj", ("attn", "proj"))
+        rules += linear(p + "mlp.fc1", ("mlp", "fc1")) + linear(p + "mlp.fc2", ("mlp", "fc2"))
+        rules += norm(p + "layer_norm1", ("norm1",)) + norm(p + "layer_norm2", ("norm2",))
+        if cfg.post_layernorm:
+            rules += [R("post_layernorm.weight", ("post_layernorm", "weight")),
+                      R("post_layernorm.bias", ("post_layernorm", "bias"))]
+        return rules
 
     if layout == "internvl_chat":
         e, p = "embeddings.", "encoder.layers.{i}."

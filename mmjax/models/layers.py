@@ -77,13 +77,34 @@ class Dense(nnx.Module):
         self.kernel = param(normal_init(rngs, (in_features, out_features), init_std, param_dtype), axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:
+        """``image_mask`` (x.shape[:-1], bool): the positions of image tokens, where a partial-LoRA
+        branch (``add_partial_lora``, InternLM-XComposer2) adds its low-rank term."""
         y = token_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if getattr(self, "plora_a", None) is not None and image_mask is not None:
+            y = y + jnp.where(image_mask[..., None], _partial_lora_branch(self, x), jnp.zeros((), y.dtype))
         if getattr(self, "lora_a", None) is not None:  # added by mmjax.models.lora.apply_lora
             y = y + _lora_branch(self, x)
         return y
+
+
+def add_partial_lora(dense: Dense, rank: int, scaling: float, *, rngs: nnx.Rngs, param_dtype: Dtype,
+                     init_std: float = 0.02) -> None:
+    """Give ``dense`` a partial-LoRA branch ``scaling * x @ plora_a @ plora_b`` at image positions
+    (InternLM-XComposer2's ``Plora_A`` / ``Plora_B``): part of the base model, trained with it in full
+    fine-tuning (plain ``nnx.Param``, not adapters). Checkpoints overwrite the initial values."""
+    axes = logical_axes(dense.kernel) or (None, None)
+    dense.plora_a = param(normal_init(rngs, (dense.in_features, rank), init_std, param_dtype), (axes[0], None))
+    dense.plora_b = param(jnp.zeros((rank, dense.out_features), param_dtype), (None, axes[1]))
+    dense.plora_scaling = float(scaling)
+
+
+def _partial_lora_branch(dense: Dense, x: jax.Array) -> jax.Array:
+    h = token_matmul(x.astype(dense.dtype), dense.plora_a[...].astype(dense.dtype))
+    z = token_matmul(h, dense.plora_b[...].astype(dense.dtype))
+    return z * jnp.asarray(dense.plora_scaling, dense.dtype)
 
 
 def _lora_branch(dense: Dense, x: jax.Array) -> jax.Array:

@@ -77,6 +77,10 @@ class ModelOptions:
             kw["tile_chunk"] = int(self.vit_tile_chunk)
         return dataclasses.replace(cfg, **kw)
 
+    def apply_xcomposer2(self, cfg):
+        """An ``XComposer2Config`` with these options on its ViT, its decoder and its tile batching."""
+        return self.apply_internvl(cfg)
+
     def apply_vision(self, cfg):
         """A ViT config (``InternViTConfig``) with these options."""
         kw = {}

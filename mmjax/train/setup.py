@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax import sharding as shd
-from mmjax.data.batch import ROW_KEYS, batch_shapes
+from mmjax.data.batch import batch_shapes, row_keys
 from mmjax.dtypes import model_dtype
 from mmjax.models.options import ModelOptions
 from mmjax.train import optim as optim_lib
@@ -127,6 +127,7 @@ class Run:
     dataset: Any = None
     loader: Any = None
     abstract: bool = False
+    image_tokens: bool = False   # batches carry XComposer2's image_token / image_tile (mmjax.data.batch)
 
     # ---- batches ----------------------------------------------------------------------------
 
@@ -134,13 +135,13 @@ class Run:
         """The global batch the step takes, as sharded ``ShapeDtypeStruct``s."""
         d = self.cfg.data
         shapes = batch_shapes(int(d.batch_size), int(d.pack_max_length if d.packing != "none" else d.max_length),
-                              int(d.max_tiles_per_pack), int(d.image_size))
+                              int(d.max_tiles_per_pack), int(d.image_size), image_tokens=self.image_tokens)
         return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_shardings[k]) for k, (s, dt) in shapes.items()}
 
     def to_global(self, host_batch: dict) -> dict:
         """This process's rows (a loader batch) -> global arrays, rows split over (data, fsdp)."""
         return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(host_batch[k]))
-                for k in ROW_KEYS}
+                for k in row_keys(self.image_tokens)}
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -183,10 +184,17 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
     use_lora = bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
 
     from mmjax.data.templates import resolve_template
-    try:
-        notes.append(resolve_template(cfg.data, config, where=_config_name(cfg, hf_config)))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    image_tokens = layout == "xcomposer2"
+    if image_tokens:
+        notes += _xcomposer_data(cfg, model)
+    elif cfg.data.template == "ixc2":
+        raise ConfigError(f"data.template='ixc2' is InternLM-XComposer2's; {_config_name(cfg, hf_config)} is a "
+                          f"{layout} checkpoint")
+    else:
+        try:
+            notes.append(resolve_template(cfg.data, config, where=_config_name(cfg, hf_config)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     dataset = loader = None
     if with_data and not abstract:
@@ -231,7 +239,7 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
         rest = jax.device_put(rest, rest_sh)
 
     rows = NamedSharding(mesh, P(("data", "fsdp")))
-    batch_sh = {k: rows for k in ROW_KEYS}
+    batch_sh = {k: rows for k in row_keys(image_tokens)}
     step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum, chunk_size=cfg.loss_chunk_size,
                                     update_mask=update_mask, lora_dropout=use_lora and cfg.lora.dropout > 0)
     step = shd.traced_with(step, rules, mesh)   # its activations' constraints are made when it traces
@@ -243,7 +251,7 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
                has_vision=has_vision, use_lora=use_lora, graphdef=graphdef, state=state, frozen=frozen, rest=rest,
                state_shardings=state_sh, frozen_shardings=frozen_sh, rest_shardings=rest_sh, batch_shardings=batch_sh,
                tx=tx, schedule=schedule, update_mask=update_mask, total_steps=total_steps, step_fn=step_fn,
-               dataset=dataset, loader=loader, abstract=abstract)
+               dataset=dataset, loader=loader, abstract=abstract, image_tokens=image_tokens)
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -294,11 +302,30 @@ def _load_tokenizer(cfg, required: bool):
     return load_tokenizer(path)
 
 
+def _xcomposer_data(cfg, model) -> list[str]:
+    """The data settings an XComposer2 checkpoint fixes: its template, its tile size, and the
+    tokens per tile (derived); a contradicting explicit setting is an error."""
+    mc, d = model.cfg, cfg.data
+    if d.template != "ixc2":
+        raise ConfigError(f"an InternLM-XComposer2 checkpoint needs data.template='ixc2', got {d.template!r}")
+    if int(d.image_size) != mc.img_size:
+        what = "crop size of its HD grid" if mc.hd else "image size"
+        raise ConfigError(f"data.image_size={d.image_size}, but the checkpoint's {what} is {mc.img_size}")
+    if mc.hd != (int(d.hd_num) > 0):
+        raise ConfigError(f"data.hd_num={d.hd_num}: this checkpoint {'is' if mc.hd else 'is not'} an HD variant "
+                          f"({'set hd_num > 0' if mc.hd else 'set hd_num = -1'})")
+    if int(d.num_image_token) != mc.tokens_per_tile:
+        raise ConfigError(f"data.num_image_token={d.num_image_token}, but a {mc.img_size}-px tile of this checkpoint "
+                          f"gives {mc.tokens_per_tile} tokens")
+    return [f"template: ixc2 (InternLM-XComposer2), {mc.tokens_per_tile} tokens a {mc.img_size}-px tile"
+            + (f", HD grid of <= {d.hd_num} crops ({d.hd_variant})" if mc.hd else "")]
+
+
 def _image_token_id(cfg, layout: str, tokenizer) -> int | None:
     """The ``<IMG_CONTEXT>`` id the model looks for: the tokenizer's (the id the data pipeline
     writes), or ``config.model.img_context_token_id`` where there is no tokenizer (abstract plans)."""
     given = int(cfg.model.get("img_context_token_id", -1))
-    if layout == "causal_lm":
+    if layout in ("causal_lm", "xcomposer2"):   # XComposer2 places its image tokens by position
         return None
     if tokenizer is None:
         return given if given >= 0 else None

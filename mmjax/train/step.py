@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mmjax.data.batch import ROW_KEYS
+from mmjax.data.batch import IMAGE_TOKEN_KEYS, ROW_KEYS
 from mmjax.train import loss as loss_lib
 from mmjax.train.state import TrainState
 
@@ -25,14 +25,19 @@ def model_hidden(model, batch: dict, rng: jax.Array | None, train: bool):
     """Final-normed decoder hidden states (B, T, H) for a batch, plus a flag that is True when
     the number of image-context tokens does not match the real tiles (never silently trained on)."""
     lm = language_model(model)
+    image_mask = None
     if lm is model:
         embeds = lm.embed(batch["input_ids"])
+        mismatch = jnp.zeros((), bool)
+    elif IMAGE_TOKEN_KEYS[0] in batch:   # XComposer2: image tokens placed by position (no count to mismatch)
+        embeds, image_mask = model.embed_multimodal(batch["input_ids"], batch["pixel_values"], batch["image_token"],
+                                                    batch["image_tile"], check=False)
         mismatch = jnp.zeros((), bool)
     else:   # tiles in the batch layout of mmjax.data.batch: (rows * tiles per row, H, W, 3)
         embeds, mismatch = model.embed_multimodal(
             batch["input_ids"], batch["pixel_values"], batch["image_flags"],
             deterministic=not train, rngs=rng if train else None, check=False)
-    hidden, _ = lm.decode_embeds(embeds, batch["segment_ids"], batch["positions"])
+    hidden, _ = lm.decode_embeds(embeds, batch["segment_ids"], batch["positions"], image_mask=image_mask)
     return hidden, mismatch
 
 
@@ -56,7 +61,7 @@ def split_micro(batch: dict, grad_accum: int) -> dict:
     rows = batch["input_ids"].shape[0]
     out = {}
     for k, v in batch.items():
-        if k in ROW_KEYS:
+        if k in ROW_KEYS or k in IMAGE_TOKEN_KEYS:
             per_row = v.shape[0] // rows
             x = v.reshape((rows // grad_accum, grad_accum, per_row) + v.shape[1:])
             x = jnp.moveaxis(x, 1, 0)

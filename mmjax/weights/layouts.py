@@ -7,7 +7,13 @@ Three layouts are understood:
   InternLM2, Phi-3, Qwen2, Qwen3 or Llama).
 * ``internvl_hf`` - transformers' own InternVL (``model_type: internvl``; keys ``model.vision_tower.*``,
   ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.weight``; Qwen2/Qwen3 text).
+* ``xcomposer2`` - InternLM-XComposer2 / 2.5 (``architectures: InternLMXComposer2ForCausalLM``;
+  keys ``vit.vision_tower.vision_model.*``, ``vision_proj.*``, ``plora_*_GN``, ``model.*``, ``output.*``;
+  read without running its remote code, sizes from the tensor shapes).
 * ``causal_lm`` - a plain decoder checkpoint (internlm2, phi3, qwen3, qwen2, llama).
+
+A layout may name *carried* tensors (:func:`carried_key`): ones the forward pass never reads,
+which are not loaded and are written back byte for byte from the source checkpoint on save.
 
 :class:`SourceRecord` is what a loaded model remembers about its checkpoint so
 ``save_pretrained`` can write the same layout back: a frozen, hashable dataclass stored as a static
@@ -22,7 +28,7 @@ import os
 
 from mmjax.weights.safetensors_io import CheckpointError
 
-LAYOUTS = ("internvl_chat", "internvl_hf", "causal_lm")
+LAYOUTS = ("internvl_chat", "internvl_hf", "xcomposer2", "causal_lm")
 SOURCE_ATTR = "hf_source"          # attribute name of the SourceRecord on a loaded model
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 
@@ -155,6 +161,9 @@ def detect_layout(config: dict) -> str:
     """``internvl_chat`` | ``internvl_hf`` | ``causal_lm`` (CheckpointError listing the supported ones)."""
     mt = config.get("model_type")
     archs = config.get("architectures") or []
+    from mmjax.models.xcomposer2 import is_xcomposer2
+    if is_xcomposer2(config):
+        return "xcomposer2"
     if mt == "internvl_chat" or "InternVLChatModel" in archs:
         _text_family(config.get("llm_config") or {}, context="llm_config of internvl_chat")
         return "internvl_chat"
@@ -231,6 +240,12 @@ def model_factory(layout: str, config: dict, directory: str | None = None, optio
         from mmjax.models.decoder import CausalLM
         cfg = options.apply_text(_text_family(config, context=None).config_from_hf(config, **overrides))
         return lambda dtype, param_dtype, rngs: CausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if layout == "xcomposer2":
+        from mmjax.models import xcomposer2
+        cfg = xcomposer2.XComposer2Config.from_checkpoint(config, checkpoint_shapes(directory), **overrides)
+        cfg = options.apply_xcomposer2(cfg)
+        return lambda dtype, param_dtype, rngs: xcomposer2.XComposer2(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                                      rngs=rngs)
     from mmjax.models import internvl
     tok = options.img_context_token_id
     tok = image_token_id(directory, config) if tok is None else tok
@@ -268,6 +283,26 @@ def build_abstract(layout: str, config: dict, dtype="float32", param_dtype=None,
     param_dtype = model_dtype(param_dtype, "param_dtype") or dtype
     make = model_factory(layout, config, directory, options, **overrides)
     return abstract_model(lambda: make(dtype, param_dtype, nnx.Rngs(0)))
+
+
+def checkpoint_shapes(directory: str | None) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a checkpoint directory's tensors, from the safetensors headers alone."""
+    if not directory:
+        raise CheckpointError("this layout reads its sizes from the checkpoint's tensors: a directory is needed")
+    from mmjax.weights.safetensors_io import ShardedReader
+    reader = ShardedReader(directory)
+    try:
+        return {k: tuple(reader.info(k).shape) for k in reader.weight_map}
+    finally:
+        reader.close()
+
+
+def carried_key(layout: str, key: str) -> bool:
+    """Whether checkpoint tensor ``key`` is one ``layout`` carries unread (kept as is on save)."""
+    if layout == "xcomposer2":
+        from mmjax.models.xcomposer2 import carried_key as xc_carried
+        return xc_carried(key)
+    return False
 
 
 def key_canonicalizer(layout: str):

@@ -164,7 +164,9 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
 
     table = layouts.weight_table(model)
     to_table = layouts.key_canonicalizer(record.layout)
-    canon = {t.key: to_table(t.key) for t in record.tensors}     # record key -> table key
+    carried = {t.key for t in record.tensors if layouts.carried_key(record.layout, t.key)}
+    canon = {t.key: to_table(t.key) for t in record.tensors if t.key not in carried}  # record key -> table key
+    source = _carried_source(record, carried)
     covered = set(canon.values())
     for key in table:
         if key not in covered:
@@ -178,6 +180,9 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
     def specs_of(entries):
         specs = {}
         for t in entries:
+            if t.key in carried:
+                specs[t.key] = (_out_dtype(t.dtype, override) if t.dtype in _FLOAT else t.dtype, tuple(t.shape))
+                continue
             rule, layer = table[canon[t.key]]
             var = get_path(params, rule.path)
             shape = tuple(var.shape) if layer is None else tuple(var.shape[1:])
@@ -185,6 +190,8 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
         return specs
 
     def produce(key):
+        if key in carried:
+            return source.get(key)      # cast to the spec's dtype (if overridden) by write_file
         rule, layer = table[canon[key]]
         value = get_path(params, rule.path).get_value()
         if layer is not None:
@@ -210,8 +217,22 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
 
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         f.write(updated_config_text(record.config_json, override if override != _common_dtype(record) else None))
+    if source is not None:
+        source.close()
     copy_aux_files(aux_dir if aux_dir is not None else record.source_dir, out_dir)
     return out_dir
+
+
+def _carried_source(record: layouts.SourceRecord, carried: set[str]):
+    """A reader of the source checkpoint for the carried tensors (None when there are none)."""
+    if not carried:
+        return None
+    from mmjax.weights.safetensors_io import ShardedReader
+    try:
+        return ShardedReader(record.source_dir)
+    except (CheckpointError, OSError) as e:
+        raise CheckpointError(f"{len(carried)} tensors (e.g. {sorted(carried)[0]}) are carried unchanged from the "
+                              f"source checkpoint {record.source_dir}, which cannot be read now ({e})") from None
 
 
 def _common_dtype(record: layouts.SourceRecord) -> str | None:
