@@ -64,6 +64,7 @@ def config(data: Path, ckpt: str, packing: str, pack: int):
     c.data.data_txt = str(data)
     c.data.template = "ixc2"
     c.data.image_size = 56
+    c.data.num_image_token = 4        # a 56-px crop: 4 x 4 patches, 2 x 2 merged
     c.data.hd_num = 6
     c.data.max_length = pack
     c.data.pack_max_length = pack
