@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"   # master weights
     c.model.frozen_param_dtype = "float32"  # storage of frozen weights ("bfloat16" halves their memory)
     c.model.drop_path_rate = 0.0
+    c.model.plora_dropout = 0.05      # XComposer2's partial-LoRA input dropout while training (upstream's)
     c.model.remat = "full"            # none | full | dots | dots_saveable
     # a backend of mmjax.models.attention: xla | blockwise (memory linear in T, the default on every
     # platform: measured) | pallas_gpu (JAX's Triton flash kernel) | splash (TPU); the last two take

@@ -265,3 +265,33 @@ def test_chat_answers_with_an_xcomposer2_checkpoint(tmp_path):
                           "--dtype=float32", "--max_new_tokens=3", "--hd_num=4"],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_partial_lora_dropout_only_while_a_key_is_set():
+    """The partial LoRA's input dropout (upstream p 0.05 while training): inverted dropout on the
+    branch input with the step's key, at image positions only; off without a key (inference)."""
+    import jax
+    from flax import nnx
+    from mmjax.models.layers import Dense, add_partial_lora
+    from mmjax.models.lora import partial_lora_dropout_modules, set_lora_dropout_key
+
+    dense = Dense(8, 6, axes=(None, None), rngs=nnx.Rngs(0))
+    add_partial_lora(dense, 4, 2.0, rngs=nnx.Rngs(1), param_dtype=jnp.float32, dropout=0.5)
+    dense.plora_b.set_value(jax.random.normal(jax.random.key(2), (4, 6)))
+    x = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    mask = jnp.asarray([[True, False, True, True, False]] * 2)
+    base = x @ dense.kernel[...]
+    branch = lambda h: 2.0 * (h @ dense.plora_a[...] @ dense.plora_b[...])     # noqa: E731
+    np.testing.assert_allclose(dense(x, mask), base + jnp.where(mask[..., None], branch(x), 0), rtol=1e-5, atol=1e-6)
+    holder = nnx.Module()
+    holder.d = dense
+    assert len(partial_lora_dropout_modules(holder)) == 1
+    set_lora_dropout_key(holder, jax.random.key(7))
+    keep = jax.random.bernoulli(jax.random.wrap_key_data(dense.plora_dropout_key[...]), 0.5, x.shape)
+    want = base + jnp.where(mask[..., None], branch(jnp.where(keep, x / 0.5, 0.0)), 0)
+    got = dense(x, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, base + jnp.where(mask[..., None], branch(x), 0))
+    np.testing.assert_array_equal(np.asarray(got)[~np.asarray(mask)], np.asarray(base)[~np.asarray(mask)])
+    set_lora_dropout_key(holder, None)
+    np.testing.assert_allclose(dense(x, mask), base + jnp.where(mask[..., None], branch(x), 0), rtol=1e-5, atol=1e-6)

@@ -266,3 +266,21 @@ def _peft_adapter_matches_the_merged_export(checkpoint, wd, root):
     with torch.no_grad():   # the adapter matters: without it the logits move far beyond that tolerance
         plain = ref.torch_language_model(base)(embeds, im_mask).numpy()
     assert np.abs(plain - want).max() > 1e-2 * want.std(), np.abs(plain - want).max() / want.std()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"eval.enabled": True}, "does not support XComposer2"),
+    ({"data.template": "internlm2-chat"}, "needs data.template='ixc2'"),
+    ({"data.num_image_token": 4}, "gives 1 tokens"),
+    ({"data.image_size": 56}, "crop size of its HD grid is 28"),
+    ({"data.hd_num": -1}, "is an HD variant"),
+])
+def test_settings_the_checkpoint_contradicts_are_refused(workspace, checkpoint, override, message):
+    from mmjax.train.setup import ConfigError, build_run
+    root, tok, _ = workspace
+    extra = dict(override)
+    if "eval.enabled" in extra:
+        extra["eval.annotation"] = str(root / "data.json")
+    cfg = _ixc_config(root, tok, checkpoint, **extra)
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg, with_data=False)

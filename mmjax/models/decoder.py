@@ -60,6 +60,7 @@ class DecoderConfig:
     # o_proj, gate_proj, up_proj, down_proj); part of the base model, trained with it in full
     # fine-tuning. Ranks and scalings differ per projection in IXC2-4KHD (wqkv 8 / 2.0, others 256 / 1.0)
     plora: tuple[tuple[str, int, float], ...] = ()
+    plora_dropout: float = 0.0       # on the partial-LoRA input while training (upstream's class default 0.05)
 
     def __post_init__(self):
         if self.qkv_layout not in QKV_LAYOUTS:
@@ -93,7 +94,7 @@ def _add_partial_loras(module: nnx.Module, cfg: DecoderConfig, rngs, param_dtype
     for name, rank, scaling in cfg.plora:
         if hasattr(module, name):
             add_partial_lora(getattr(module, name), int(rank), float(scaling), rngs=rngs, param_dtype=param_dtype,
-                             init_std=cfg.init_std)
+                             init_std=cfg.init_std, dropout=cfg.plora_dropout)
 
 
 class Attention(nnx.Module):

@@ -90,19 +90,51 @@ class Dense(nnx.Module):
         return y
 
 
+class DropoutState(nnx.Variable):
+    """A layer's dropout key / on-flag (LoRA, partial LoRA): not a parameter (no gradient, no
+    optimizer state); written per step by ``mmjax.models.lora.set_lora_dropout_key``."""
+
+
+def dropout_state(prefix: str, module: nnx.Module, rate: float, lead: tuple = (), lead_axes: tuple = ()) -> None:
+    """``<prefix>_dropout`` (the rate) and, for a rate > 0, the ``<prefix>_dropout_key`` /
+    ``<prefix>_dropout_on`` state of ``module`` (``lead``: leading stack dims already present)."""
+    setattr(module, f"{prefix}_dropout", float(rate))
+    if rate > 0.0:
+        kd = jax.random.key_data(jax.random.key(0))
+        setattr(module, f"{prefix}_dropout_key", DropoutState(jnp.zeros(lead + kd.shape, kd.dtype),
+                                                              out_sharding=lead_axes + (None,) * kd.ndim,
+                                                              eager_sharding=False))
+        setattr(module, f"{prefix}_dropout_on", DropoutState(jnp.zeros(lead, bool), out_sharding=lead_axes,
+                                                             eager_sharding=False))
+
+
+def _dropped(module: nnx.Module, prefix: str, h: jax.Array) -> jax.Array:
+    """Inverted dropout of ``h`` with the module's ``<prefix>`` key while its flag is on (else ``h``)."""
+    rate = float(getattr(module, f"{prefix}_dropout", 0.0))
+    key = getattr(module, f"{prefix}_dropout_key", None)
+    if rate <= 0.0 or key is None:
+        return h
+    keep = jax.random.bernoulli(jax.random.wrap_key_data(key[...]), 1.0 - rate, h.shape)
+    dropped = jnp.where(keep, h / jnp.asarray(1.0 - rate, h.dtype), jnp.zeros_like(h))
+    return jnp.where(getattr(module, f"{prefix}_dropout_on")[...], dropped, h)
+
+
 def add_partial_lora(dense: Dense, rank: int, scaling: float, *, rngs: nnx.Rngs, param_dtype: Dtype,
-                     init_std: float = 0.02) -> None:
-    """Give ``dense`` a partial-LoRA branch ``scaling * x @ plora_a @ plora_b`` at image positions
-    (InternLM-XComposer2's ``Plora_A`` / ``Plora_B``): part of the base model, trained with it in full
-    fine-tuning (plain ``nnx.Param``, not adapters). Checkpoints overwrite the initial values."""
+                     init_std: float = 0.02, dropout: float = 0.0) -> None:
+    """Give ``dense`` a partial-LoRA branch ``scaling * dropout(x) @ plora_a @ plora_b`` at image
+    positions (InternLM-XComposer2's ``Plora_A`` / ``Plora_B``; the dropout only while training):
+    part of the base model, trained with it in full fine-tuning (plain ``nnx.Param``, not
+    adapters). Checkpoints overwrite the initial values."""
     axes = logical_axes(dense.kernel) or (None, None)
     dense.plora_a = param(normal_init(rngs, (dense.in_features, rank), init_std, param_dtype), (axes[0], None))
     dense.plora_b = param(jnp.zeros((rank, dense.out_features), param_dtype), (None, axes[1]))
     dense.plora_scaling = float(scaling)
+    dropout_state("plora", dense, dropout)
 
 
 def _partial_lora_branch(dense: Dense, x: jax.Array) -> jax.Array:
-    h = token_matmul(x.astype(dense.dtype), dense.plora_a[...].astype(dense.dtype))
+    h = _dropped(dense, "plora", x.astype(dense.dtype))
+    h = token_matmul(h, dense.plora_a[...].astype(dense.dtype))
     z = token_matmul(h, dense.plora_b[...].astype(dense.dtype))
     return z * jnp.asarray(dense.plora_scaling, dense.dtype)
 
@@ -113,13 +145,7 @@ def _lora_branch(dense: Dense, x: jax.Array) -> jax.Array:
     Dropout runs only while the layer's ``lora_dropout_on`` flag is set, with the key in
     ``lora_dropout_key``; both are written by :func:`mmjax.models.lora.set_lora_dropout_key`.
     """
-    h = x.astype(dense.dtype)
-    rate = float(getattr(dense, "lora_dropout", 0.0))
-    if rate > 0.0 and getattr(dense, "lora_dropout_key", None) is not None:
-        key = jax.random.wrap_key_data(dense.lora_dropout_key[...])
-        keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-        dropped = jnp.where(keep, h / jnp.asarray(1.0 - rate, h.dtype), jnp.zeros_like(h))
-        h = jnp.where(dense.lora_dropout_on[...], dropped, h)
+    h = _dropped(dense, "lora", x.astype(dense.dtype))
     z = token_matmul(token_matmul(h, dense.lora_a[...].astype(dense.dtype)), dense.lora_b[...].astype(dense.dtype))
     return z * jnp.asarray(dense.lora_scaling, dense.dtype)
 

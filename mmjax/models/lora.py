@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmjax.models.layers import Dense, logical_axes
+from mmjax.models.layers import Dense, DropoutState, dropout_state, logical_axes
 
 # Upstream target lists (peft spelling) per decoder family (internvl.md 3.4).
 LLM_TARGETS: dict[str, tuple[str, ...]] = {
@@ -50,8 +50,7 @@ LORA_ATTRS = ("lora_a", "lora_b", "lora_rank", "lora_alpha", "lora_scaling", "lo
               "lora_dropout_key", "lora_dropout_on")
 
 
-class LoRADropoutState(nnx.Variable):
-    """Per-layer LoRA dropout key / on-flag (not a parameter: no gradient, no optimizer state)."""
+LoRADropoutState = DropoutState   # per-layer LoRA dropout key / on-flag (mmjax.models.layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,13 +224,7 @@ def add_lora(dense: Dense, *, rank: int, alpha: float, dropout: float = 0.0, key
     dense.lora_rank = int(rank)
     dense.lora_alpha = float(alpha)
     dense.lora_scaling = float(alpha / rank if scaling is None else scaling)
-    dense.lora_dropout = float(dropout)
-    if dropout > 0.0:
-        kd = jax.random.key_data(jax.random.key(0))
-        dense.lora_dropout_key = LoRADropoutState(jnp.zeros(lead + kd.shape, kd.dtype),
-                                                  out_sharding=lead_axes + (None,) * kd.ndim, eager_sharding=False)
-        dense.lora_dropout_on = LoRADropoutState(jnp.zeros(lead, bool), out_sharding=lead_axes,
-                                                 eager_sharding=False)
+    dropout_state("lora", dense, dropout, lead, lead_axes)
 
 
 def apply_lora(model, *, llm_rank: int, vit_rank: int = 0, alpha_ratio: float = 2.0, alpha: float | None = None,
@@ -301,22 +294,37 @@ def lora_param_count(model) -> int:
 
 
 def set_lora_dropout_key(model, key: jax.Array | None) -> None:
-    """Switch LoRA dropout on with ``key`` (a fresh key per step; every layer / module gets its own
-    fold) or off with ``None``. Layers adapted with dropout 0 are unaffected."""
+    """Switch LoRA dropout (and XComposer2's partial-LoRA dropout) on with ``key`` (a fresh key per
+    step; every layer / module gets its own fold) or off with ``None``. Layers with dropout 0 are
+    unaffected."""
     for j, (_, dense) in enumerate(lora_modules(model)):
-        if getattr(dense, "lora_dropout_key", None) is None:
-            continue
-        on = dense.lora_dropout_on
-        lead = tuple(on.shape)
-        if key is None:
-            on.set_value(jnp.zeros(lead, bool))
-            continue
-        k = jax.random.fold_in(key, j)
-        n = int(np.prod(lead)) if lead else 1
-        keys = jax.random.split(k, n)
-        data = jax.random.key_data(keys).reshape(lead + dense.lora_dropout_key.shape[len(lead):])
-        dense.lora_dropout_key.set_value(data.astype(dense.lora_dropout_key.dtype))
-        on.set_value(jnp.ones(lead, bool))
+        _set_dropout(dense, "lora", None if key is None else jax.random.fold_in(key, j))
+    for j, (_, dense) in enumerate(partial_lora_dropout_modules(model)):
+        _set_dropout(dense, "plora", None if key is None else jax.random.fold_in(key, PLORA_KEY_BASE + j))
+
+
+PLORA_KEY_BASE = 1 << 20   # partial-LoRA modules' key folds start here (the LoRA ones keep theirs)
+
+
+def partial_lora_dropout_modules(model) -> list[tuple[tuple[str, ...], Dense]]:
+    """(path, Dense) of every Dense whose partial-LoRA branch has dropout."""
+    return [(tuple(str(p) for p in path), m) for path, m in nnx.iter_modules(model)
+            if isinstance(m, Dense) and getattr(m, "plora_dropout_key", None) is not None]
+
+
+def _set_dropout(dense: Dense, prefix: str, key: jax.Array | None) -> None:
+    state_key = getattr(dense, f"{prefix}_dropout_key", None)
+    if state_key is None:
+        return
+    on = getattr(dense, f"{prefix}_dropout_on")
+    lead = tuple(on.shape)
+    if key is None:
+        on.set_value(jnp.zeros(lead, bool))
+        return
+    n = int(np.prod(lead)) if lead else 1
+    data = jax.random.key_data(jax.random.split(key, n)).reshape(lead + state_key.shape[len(lead):])
+    state_key.set_value(data.astype(state_key.dtype))
+    on.set_value(jnp.ones(lead, bool))
 
 
 def lora_summary(model) -> list[dict]:

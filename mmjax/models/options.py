@@ -25,6 +25,7 @@ class ModelOptions:
     vit_attention_block: int | None = None   # the ViT's tile bound (0: a whole image tile in one block)
     vit_tile_chunk: int | None = None        # tiles a ViT call encodes; empty tile slots skipped (0: all in one)
     drop_path_rate: float | None = None      # InternViT stochastic depth (training only)
+    plora_dropout: float | None = None       # XComposer2's partial-LoRA input dropout (training only)
     img_context_token_id: int | None = None  # the id the data pipeline writes for image slots
 
     def __post_init__(self):
@@ -45,6 +46,8 @@ class ModelOptions:
             raise ValueError(f"attention_block={self.attention_block!r}: must be an integer >= 1")
         if self.drop_path_rate is not None and not 0.0 <= float(self.drop_path_rate) < 1.0:
             raise ValueError(f"drop_path_rate={self.drop_path_rate!r}: must be in [0, 1)")
+        if self.plora_dropout is not None and not 0.0 <= float(self.plora_dropout) < 1.0:
+            raise ValueError(f"plora_dropout={self.plora_dropout!r}: must be in [0, 1)")
         if self.img_context_token_id is not None and (not _is_int(self.img_context_token_id)
                                                       or self.img_context_token_id < 0):
             raise ValueError(f"img_context_token_id={self.img_context_token_id!r}: must be a token id >= 0")
@@ -66,7 +69,7 @@ class ModelOptions:
 
     def apply_text(self, cfg):
         """A decoder config (``DecoderConfig``) with these options."""
-        kw = {k: getattr(self, k) for k in ("remat", "attention", "attention_block", "token_chunk")
+        kw = {k: getattr(self, k) for k in ("remat", "attention", "attention_block", "token_chunk", "plora_dropout")
               if getattr(self, k) is not None}
         return dataclasses.replace(cfg, **kw) if kw else cfg
 

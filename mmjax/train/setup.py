@@ -46,7 +46,8 @@ def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
                             token_chunk=int(m.token_chunk),
                             vit_attention=m.vit_attention, vit_attention_block=int(m.vit_attention_block),
                             vit_tile_chunk=int(m.vit_tile_chunk),
-                            drop_path_rate=float(m.drop_path_rate), img_context_token_id=img_context_token_id)
+                            drop_path_rate=float(m.drop_path_rate), plora_dropout=float(m.plora_dropout),
+                            img_context_token_id=img_context_token_id)
     except ValueError as e:
         raise ConfigError(f"config.model.{e}") from None
 
@@ -174,6 +175,7 @@ def build_run(cfg, devices=None, *, abstract: bool = False, workdir: str | None 
 
 
 def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_config, with_data: bool) -> Run:
+    from mmjax.models.lora import partial_lora_dropout_modules
 
     tokenizer = _load_tokenizer(cfg, required=with_data and not abstract)
     layout, config = _model_config(cfg, hf_config)
@@ -241,7 +243,8 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     batch_sh = {k: rows for k in row_keys(image_tokens)}
     step = step_lib.make_train_step(graphdef, tx, schedule, grad_accum=cfg.grad_accum, chunk_size=cfg.loss_chunk_size,
-                                    update_mask=update_mask, lora_dropout=use_lora and cfg.lora.dropout > 0)
+                                    update_mask=update_mask, lora_dropout=(use_lora and cfg.lora.dropout > 0)
+                                    or bool(partial_lora_dropout_modules(model)))
     step = shd.traced_with(step, rules, mesh)   # its activations' constraints are made when it traces
     # explicit shardings: the state keeps its placement; it is donated, so params and optimizer
     # state are updated in place
@@ -306,6 +309,9 @@ def _xcomposer_data(cfg, model) -> list[str]:
     """The data settings an XComposer2 checkpoint fixes: its template, its tile size, and the
     tokens per tile (derived); a contradicting explicit setting is an error."""
     mc, d = model.cfg, cfg.data
+    if cfg.eval.enabled:
+        raise ConfigError("config.eval (held-out VQA after training) asks InternVL prompts; it does not support "
+                          "XComposer2 checkpoints yet: set --config.eval.enabled=False")
     if d.template != "ixc2":
         raise ConfigError(f"an InternLM-XComposer2 checkpoint needs data.template='ixc2', got {d.template!r}")
     if int(d.image_size) != mc.img_size:
