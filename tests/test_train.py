@@ -206,6 +206,71 @@ def test_resume_after_sigkill_is_bit_identical(assets, reference_run, tmp_path, 
     assert not glob.glob(str(ckdir / "*.orbax-checkpoint-tmp"))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_in_flight_and_the_restart_is_bit_identical(assets, reference_run, tmp_path, sig):
+    """SIGTERM (preemption) or Ctrl-C: the step in flight finishes, its checkpoint (state + data
+    iterator) is written, one line says so, the exit status is EXIT_PREEMPTED; the same command
+    again continues to the uninterrupted run's losses exactly."""
+    from mmjax.train.preemption import EXIT_PREEMPTED
+    wd = new_workdir(assets, tmp_path, "signalled")
+    log_path = tmp_path / "signalled.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmjax.train", "--config=configs/tiny.py", f"--workdir={wd}",
+             *cli_args(total_steps=RESUME_STEPS, **{"checkpoint.every_steps": 1000})],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and proc.poll() is None and max_logged_step(wd) < 3:
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log_path.read_text()
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    ck = ckpt_lib.RunCheckpointer(str(wd / "checkpoints"), every_steps=1000, keep=1, async_save=False)
+    saved = ck.latest_step()
+    ck.close()
+    assert saved is not None and 3 <= saved < RESUME_STEPS        # not a periodic save: every_steps is 1000
+    lines = [ln for ln in out.splitlines() if ln.startswith("stopped by")]
+    assert lines == [f"stopped by {signal.Signals(sig).name} after step {saved}: checkpoint "
+                     f"{wd / 'checkpoints'}/{saved} saved; run the same command again to resume"], out[-2000:]
+    assert max_logged_step(wd) == saved                           # the last step's metrics were written
+    result = run_lib.train(tiny_config(total_steps=RESUME_STEPS), str(wd))
+    assert result["step"] == RESUME_STEPS
+    ref, got = read_losses(reference_run), read_losses(wd)
+    assert sorted(got) == sorted(ref)
+    assert {s: (ref[s], got[s]) for s in ref if ref[s] != got[s]} == {}
+
+
+def test_an_interrupted_export_leaves_the_previous_one_whole(tmp_path):
+    """Exports go to a directory beside the target and are swapped in whole with a completion
+    marker: a failure in the middle of writing leaves the previous export untouched."""
+    target = tmp_path / "hf"
+
+    def write(version, fail=False):
+        def go(d):
+            (Path(d) / "model-00001.safetensors").write_text(f"shard 1 of {version}")
+            if fail:
+                raise OSError("disk full")
+            (Path(d) / "model-00002.safetensors").write_text(f"shard 2 of {version}")
+        return go
+
+    run_lib.write_atomically(str(target), write("v1"))
+    with pytest.raises(OSError, match="disk full"):
+        run_lib.write_atomically(str(target), write("v2", fail=True))
+    assert sorted(p.name for p in target.iterdir()) == sorted([run_lib.COMPLETE_MARKER, "model-00001.safetensors",
+                                                               "model-00002.safetensors"])
+    assert {p.read_text() for p in target.glob("model-*")} == {"shard 1 of v1", "shard 2 of v1"}
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith("hf.tmp-")]
+    assert partial and not (partial[0] / run_lib.COMPLETE_MARKER).exists()   # never mistaken for whole
+    run_lib.write_atomically(str(target), write("v3"))
+    assert {p.read_text() for p in target.glob("model-*")} == {"shard 1 of v3", "shard 2 of v3"}
+    assert (target / run_lib.COMPLETE_MARKER).exists()
+
+
 def test_export_reloads_with_identical_logits(assets, reference_run):
     import mmjax
 

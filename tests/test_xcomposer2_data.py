@@ -284,3 +284,20 @@ def test_settings_the_checkpoint_contradicts_are_refused(workspace, checkpoint, 
     cfg = _ixc_config(root, tok, checkpoint, **extra)
     with pytest.raises(ConfigError, match=message):
         build_run(cfg, with_data=False)
+
+
+def test_a_bad_sample_counts_once_against_the_skip_budget(workspace, tmp_path):
+    """A record that fails when built (an unreadable image) is one skip however often it is built
+    (the start-up probe, then every epoch): 1 bad of 120 passes a 1 % budget."""
+    root, tok, _ = workspace
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    good = {"conversations": [{"from": "user", "value": "Hello"}, {"from": "assistant", "value": "Hi."}]}
+    bad = {"image": [str(tmp_path / "bad.png")], "conversations": good["conversations"]}
+    (tmp_path / "d.json").write_text(json.dumps([bad] + [good] * 119))
+    cfg = _data_cfg(root, data_txt=str(tmp_path / "d.json"), max_skip_fraction=0.01)
+    ds = build_dataset(cfg, tok)
+    src = ds.mmjax_source
+    bad_index = next(k for k in range(120) if src.record(k)[1].images)
+    for _ in range(3):
+        assert ds[bad_index] is None
+    assert src.skipped() == 1 and "1 of 120 samples skipped" in src.skip_summary()

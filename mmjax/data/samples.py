@@ -199,6 +199,7 @@ class SampleSource:
         self._src = np.concatenate(src_ids) if src_ids else np.zeros(0, np.int32)
         self._rec = np.concatenate(rec_ids) if rec_ids else np.zeros(0, np.int64)
         self.lazy_skips = collections.Counter()
+        self._failed: set[int] = set()   # epoch indices whose sample failed to build (counted once)
         self._lock = threading.Lock()
         n_up = sum(self.upfront_skips.values())
         if n_up:
@@ -224,9 +225,13 @@ class SampleSource:
                                       bool(self.cfg.get("data_augment", False)) and s.fmt != "internvl",
                                       max_dynamic_patch=s.max_dynamic_patch)
         except SampleError as e:
-            with self._lock:
-                self.lazy_skips[_reason_key(str(e))] += 1
-            logging.warning("mmjax.data: skipped %s: %s", rec.where, e)
+            with self._lock:   # a sample counts once, however often it is built (start-up probe, epochs)
+                first = i not in self._failed
+                if first:
+                    self._failed.add(i)
+                    self.lazy_skips[_reason_key(str(e))] += 1
+            if first:
+                logging.warning("mmjax.data: skipped %s: %s", rec.where, e)
             if self.mode == "train":
                 self._check_budget()
             return None

@@ -37,6 +37,7 @@ def main(argv):
         print(f"multi-process run: {joined}", flush=True)
 
     from mmjax.data.samples import SkipBudgetExceeded
+    from mmjax.train.preemption import EXIT_PREEMPTED, Preempted
     from mmjax.train.run import train
     from mmjax.train.setup import ConfigError
     from mmjax.weights import CheckpointError
@@ -50,6 +51,9 @@ def main(argv):
     except (ConfigError, CheckpointError, SkipBudgetExceeded) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

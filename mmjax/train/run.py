@@ -16,6 +16,7 @@ from flax import nnx
 from mmjax.data.batch import COUNT_KEYS
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
+from mmjax.train import preemption
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
 from mmjax.train.setup import Run, build_run
@@ -32,7 +33,11 @@ def train(cfg, workdir: str) -> dict:
     print(startup_summary(run, start), flush=True)
     writer = metrics_lib.MetricsWriter(workdir)
     try:
-        state, step, last, stop_reason = loop(run, checkpointer, writer, start)
+        with preemption.StopRequest() as stop:
+            state, step, last, stop_reason = loop(run, checkpointer, writer, start, stop)
+        if stop_reason == PREEMPTED:
+            writer.close()
+            raise preemption.Preempted(stop.signame, step, checkpointer.directory)
         if stop_reason:
             writer.close()
             raise RuntimeError(f"stopping: {stop_reason}; the last good checkpoint in "
@@ -66,10 +71,15 @@ def resume(run: Run, checkpointer: ckpt_lib.RunCheckpointer) -> int:
     return int(start)
 
 
-def loop(run: Run, checkpointer, writer, start: int):
+PREEMPTED = "preempted"   # loop's stop reason after a signal (its checkpoint written)
+
+
+def loop(run: Run, checkpointer, writer, start: int, stop_request: "preemption.StopRequest | None" = None):
     """Steps ``start -> run.total_steps``; returns (state, step, last metrics, stop reason or None).
 
-    Metrics are fetched one step late, so the host never waits for the device in between."""
+    Metrics are fetched one step late, so the host never waits for the device in between. When
+    ``stop_request`` asks (a signal), the step in flight finishes, its checkpoint is written (train state
+    and data-iterator state) and the reason is ``PREEMPTED``."""
     cfg = run.cfg
     flops = flops_model(run.model(), cfg)
     peak = metrics_lib.peak_flops_per_device(cfg.peak_flops_per_device)
@@ -92,8 +102,14 @@ def loop(run: Run, checkpointer, writer, start: int):
             if stop:
                 return state, step, last, stop
         pending = (step, m, stats)
-        if checkpointer.should_save(step):
+        saved = checkpointer.should_save(step)
+        if saved:
             checkpointer.save(step, state, run.loader.get_state(), ckpt_lib.config_json(cfg))
+        if stop_request is not None and step < run.total_steps and stop_request.should_stop(step):
+            last, _ = finish(pending)
+            if not saved:
+                checkpointer.save(step, state, run.loader.get_state(), ckpt_lib.config_json(cfg), force=True)
+            return state, step, last, PREEMPTED
     if pending is not None:
         last, stop = finish(pending)
         if stop:
@@ -114,21 +130,51 @@ def host_model(run: Run, params):
     return nnx.merge(run.graphdef, *trees)
 
 
+COMPLETE_MARKER = ".mmjax-export-complete"   # written last into an export directory
+
+
+def write_atomically(target: str, write) -> str:
+    """``write(directory)`` into a fresh directory next to ``target``, files fsynced, a completion
+    marker last, then swapped into place: a kill at any moment leaves the previous ``target``
+    whole (or, between the two renames, absent with the new one complete beside it), never a mix
+    of two exports."""
+    import shutil
+    path = os.path.abspath(target)
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+        f.write("complete\n")
+    for name in os.listdir(tmp):
+        fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def export(run: Run, model, workdir: str) -> dict:
-    """PEFT adapter + merged model (LoRA) and the HF weights in the source layout; process 0 writes."""
+    """PEFT adapter + merged model (LoRA) and the HF weights in the source layout; process 0 writes,
+    each directory atomically (:func:`write_atomically`)."""
     cfg, out = run.cfg, {}
     if jax.process_index() == 0:
         import mmjax
         if run.use_lora:
             from mmjax.models.lora import merge_lora
             from mmjax.weights.peft_io import save_peft_adapter
-            out["adapter_dir"] = os.path.join(workdir, "hf_adapter")
-            save_peft_adapter(model, out["adapter_dir"], base_model_name_or_path=cfg.model_path)
+            out["adapter_dir"] = write_atomically(os.path.join(workdir, "hf_adapter"), lambda d: save_peft_adapter(
+                model, d, base_model_name_or_path=cfg.model_path))
             print(f"exported the PEFT adapter to {out['adapter_dir']}", flush=True)
             merge_lora(model)   # W + (alpha / r) B A, in the source layout below
         if cfg.export.hf:
-            out["hf_dir"] = os.path.join(workdir, "hf")
-            mmjax.save_pretrained(model, out["hf_dir"], dtype=cfg.export.dtype)
+            out["hf_dir"] = write_atomically(os.path.join(workdir, "hf"), lambda d: mmjax.save_pretrained(
+                model, d, dtype=cfg.export.dtype))
             print(f"exported HF weights to {out['hf_dir']}", flush=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
