@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.grad_accum = 1                  # micro-batches per step (data.batch_size % grad_accum == 0)
     c.num_epochs = 1
-    c.total_steps = -1                # > 0 caps the run
+    c.total_steps = -1                # > 0 caps the run; -1 (unset): num_epochs over the data; 0 or < -1 refused
     c.loss_chunk_size = 1024          # tokens per cross-entropy chunk
     c.max_nonfinite_steps = 5         # consecutive skipped (NaN/inf) updates that stop the run
 

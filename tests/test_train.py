@@ -612,6 +612,12 @@ def test_unknown_config_key_fails_before_anything_runs(tmp_path):
     assert not wd.exists()  # no assets generated, nothing compiled
 
 
+@pytest.mark.parametrize("steps", [0, -5])
+def test_a_non_positive_total_steps_is_refused(steps):
+    with pytest.raises(ConfigError, match=f"config.total_steps={steps}: must be > 0"):
+        validate_config(tiny_config(total_steps=steps))
+
+
 def test_batch_size_not_divisible_by_grad_accum(assets, tmp_path):
     cfg = tiny_config(**{"data.batch_size": 3, "grad_accum": 2})
     with pytest.raises(ConfigError, match="multiple of"):

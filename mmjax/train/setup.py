@@ -52,11 +52,17 @@ def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
         raise ConfigError(f"config.model.{e}") from None
 
 
+TOTAL_STEPS_UNSET = -1   # config.total_steps's default: the full schedule (num_epochs over the data)
+
+
 def validate_config(cfg, checkpoint_required: bool = True, devices=None) -> dict:
     """Impossible combinations and missing files fail here, before anything is generated or compiled.
     ``checkpoint_required=False``: the model's config comes from elsewhere (``build_run(hf_config=)``).
     ``devices``: what the mesh is laid over (default: every visible device). Returns the sharding
     rule table (``config.mesh.rules`` applied)."""
+    if cfg.total_steps != TOTAL_STEPS_UNSET and cfg.total_steps <= 0:
+        raise ConfigError(f"config.total_steps={cfg.total_steps}: must be > 0 (leave it at {TOTAL_STEPS_UNSET} "
+                          f"for the full schedule, num_epochs over the data)")
     if cfg.data.batch_size <= 0 or cfg.grad_accum <= 0 or cfg.data.batch_size % cfg.grad_accum:
         raise ConfigError(f"config.batch_size={cfg.data.batch_size} must be a positive multiple of "
                           f"config.grad_accum={cfg.grad_accum}")
