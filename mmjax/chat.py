@@ -85,7 +85,8 @@ def main(argv=None):
             sys.exit(2)
         tokenizer = load_tokenizer(F.model)
         images = [Image.open(p) for p in F.image]
-        if type(model).__name__ == "XComposer2":   # multi-image prompts place images at <ImageHere>
+        from mmjax.models.xcomposer2 import XComposer2
+        if isinstance(model, XComposer2):   # multi-image prompts place images at <ImageHere>
             print(answer_xcomposer2(model, tokenizer, F.prompt, images, hd_num=F.hd_num, hd_variant=F.hd_variant,
                                     max_new_tokens=F.max_new_tokens, temperature=F.temperature, top_p=F.top_p,
                                     top_k=F.top_k, seed=F.seed))

@@ -147,6 +147,7 @@ def xcomposer2_finetune(name: str, model_path: str, *, img_size: int, hd_num: in
     ``fix_vit`` as the script sets it, the sampler (``vision_proj`` + separators) trained. Upstream
     pads one conversation per item; mmjax packs rows of ``max_length`` tokens, as many per step as
     the script's samples would fill at half its length on average."""
+    from mmjax.data.xcomposer import TEMPLATE as XCOMPOSER_TEMPLATE
     c = base_config()
     c.name = name
     c.model_path = model_path
@@ -157,7 +158,7 @@ def xcomposer2_finetune(name: str, model_path: str, *, img_size: int, hd_num: in
     c.optim.b2 = 0.95
     c.optim.warmup_ratio = 0.01
     c.optim.schedule = "cosine"
-    c.data.template = "ixc2"
+    c.data.template = XCOMPOSER_TEMPLATE
     c.data.image_size = img_size
     c.data.hd_num = hd_num
     c.data.hd_variant = hd_variant

@@ -295,3 +295,14 @@ def test_partial_lora_dropout_only_while_a_key_is_set():
     np.testing.assert_array_equal(np.asarray(got)[~np.asarray(mask)], np.asarray(base)[~np.asarray(mask)])
     set_lora_dropout_key(holder, None)
     np.testing.assert_allclose(dense(x, mask), base + jnp.where(mask[..., None], branch(x), 0), rtol=1e-5, atol=1e-6)
+
+
+def test_token_chunks_give_the_same_logits(tmp_path):
+    """The decoder's chunked per-token path carries the image mask chunk by chunk (partial LoRA)."""
+    path = _checkpoint(tmp_path, "4khd")
+    ids, (kinds, tile_of), tiles, _ = _sample(from_pretrained(path), np.random.default_rng(6), "4khd")
+    args = (jnp.asarray([[0 if i == IMG_ID else i for i in ids]]),)
+    kw = dict(pixel_values=jnp.asarray(tiles), image_token=jnp.asarray([kinds]), image_tile=jnp.asarray([tile_of]))
+    whole = np.asarray(from_pretrained(path)(*args, **kw))
+    chunked = np.asarray(from_pretrained(path, token_chunk=16)(*args, **kw))
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())

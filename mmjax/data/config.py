@@ -8,6 +8,7 @@ import ml_collections
 
 from mmjax.data.images import NORMALIZE
 from mmjax.data.templates import TEMPLATES
+from mmjax.data.xcomposer import TEMPLATE as XCOMPOSER_TEMPLATE
 
 
 def default_data_config():
@@ -82,7 +83,7 @@ def xtuner_datasets(c) -> list:
 
 def validate_data_config(c):
     """Raise ValueError with a one-line message naming the offending key or file."""
-    names = sorted(TEMPLATES) + ["ixc2"]
+    names = sorted(TEMPLATES) + [XCOMPOSER_TEMPLATE]
     if c.template not in names:
         raise ValueError(f"data.template: unknown template {c.template!r}; choose from {names}")
     if c.get("hd_variant", "4khd") not in ("4khd", "2.5"):

@@ -204,16 +204,21 @@ def pad_row(sample: dict, *, max_tokens: int, max_tiles: int, pad_id: int,
     segs[:n], pos[:n] = 1, np.arange(n)
     extra = None
     if IMAGE_TOKEN_KEYS[0] in sample:
-        extra = {k: np.full(max_tokens, -1, np.int32) for k in IMAGE_TOKEN_KEYS}
+        extra = _no_image_tokens(max_tokens)
         for k in IMAGE_TOKEN_KEYS:
             extra[k][:n] = sample[k]
     return _row(ids, labels, segs, pos, weights, [sample["pixel_values"]], max_tiles, image_shape, extra)
 
 
+def _no_image_tokens(n: int) -> dict:
+    """XComposer2's per-token image arrays of ``n`` text / padding positions (-1: no image token)."""
+    return {k: np.full(n, -1, np.int32) for k in IMAGE_TOKEN_KEYS}
+
+
 def empty_row(*, max_tokens: int, max_tiles: int, pad_id: int, image_shape, image_tokens: bool = False) -> dict:
     """An all-padding row (fills a short last batch so shapes stay static)."""
     z = np.zeros(max_tokens, np.int32)
-    extra = {k: np.full(max_tokens, -1, np.int32) for k in IMAGE_TOKEN_KEYS} if image_tokens else None
+    extra = _no_image_tokens(max_tokens) if image_tokens else None
     return _row(np.full(max_tokens, pad_id, np.int32), np.full(max_tokens, IGNORE_INDEX, np.int32),
                 z, z, np.zeros(max_tokens, np.float32), [], max_tiles, image_shape, extra)
 

@@ -58,6 +58,7 @@ import grain
 import numpy as np
 
 from mmjax.data import packing as packing_lib
+from mmjax.data.xcomposer import TEMPLATE as XCOMPOSER_TEMPLATE
 
 STATE_FORMAT = "mmjax.loader/1"
 
@@ -197,7 +198,7 @@ def build_loader(data_config, tokenizer=None, *, dataset: grain.MapDataset | Non
     seed = int(_cfg(data_config, "seed") if epoch_seed is None else epoch_seed)
     pad_id = resolve_pad_id(data_config, tokenizer)
     num_epochs = _cfg(data_config, "num_epochs")
-    image_tokens = _cfg(data_config, "template") == "ixc2"     # XComposer2's per-token image arrays
+    image_tokens = _cfg(data_config, "template") == XCOMPOSER_TEMPLATE   # XComposer2's per-token image arrays
 
     # 1-3: per-epoch shuffle, epochs, shard the sample stream.
     ds = dataset

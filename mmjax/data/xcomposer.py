@@ -114,20 +114,13 @@ def labels_for(tok: XComposerTokens, input_ids: np.ndarray, image_token: np.ndar
     return labels.astype(np.int32)
 
 
-def prompt(tok: XComposerTokens, question: str, images=(), *, image_size: int, tokens_side: int, hd_num: int = -1,
-           hd_variant: str = "4khd"):
-    """An inference prompt as training lays the text out: the user turn with ``question`` (a lone
-    image without ``<ImageHere>`` before the whole text; several images at their ``<ImageHere>``
-    placeholders, else in front of the question) and the assistant header. Returns (input_ids,
-    image_token, image_tile) (1, T) int32 and the tiles (N, S, S, 3) (None without images)."""
+def image_tiles(images, *, image_size: int, tokens_side: int, hd_num: int = -1, hd_variant: str = "4khd"):
+    """RGB images -> (per image its (image_token, image_tile) arrays, tile numbers counted over all
+    the images; per image its tiles; per image its HD grid (rows, cols), None for a plain tile)."""
     from mmjax.data import hd_images
     from mmjax.models.xcomposer2 import image_token_layout
 
-    question = question.replace("<ImageHere>", IMAGE_PLACEHOLDER)
-    text = f"{IM_START}user\n{question.strip()}{IM_END}\n{IM_START}assistant\n"
-    if images and IMAGE_PLACEHOLDER not in question:
-        text = IMAGE_PLACEHOLDER * len(images) + text
-    layouts, tiles, first = [], [], 0
+    layouts, tiles, grids, first = [], [], [], 0
     for im in images:
         if hd_num > 0:
             t, grid = hd_images.hd_tiles(im, hd_num, image_size, hd_variant)
@@ -136,7 +129,23 @@ def prompt(tok: XComposerTokens, question: str, images=(), *, image_size: int, t
         kind, tile = image_token_layout(grid, tokens_side)
         layouts.append((kind, np.where(tile >= 0, tile + first, -1)))
         tiles.append(t)
+        grids.append(grid)
         first += len(t)
+    return layouts, tiles, grids
+
+
+def prompt(tok: XComposerTokens, question: str, images=(), *, image_size: int, tokens_side: int, hd_num: int = -1,
+           hd_variant: str = "4khd"):
+    """An inference prompt as training lays the text out: the user turn with ``question`` (a lone
+    image without ``<ImageHere>`` before the whole text; several images at their ``<ImageHere>``
+    placeholders, else in front of the question) and the assistant header. Returns (input_ids,
+    image_token, image_tile) (1, T) int32 and the tiles (N, S, S, 3) (None without images)."""
+    question = question.replace("<ImageHere>", IMAGE_PLACEHOLDER)
+    text = f"{IM_START}user\n{question.strip()}{IM_END}\n{IM_START}assistant\n"
+    if images and IMAGE_PLACEHOLDER not in question:
+        text = IMAGE_PLACEHOLDER * len(images) + text
+    layouts, tiles, _ = image_tiles(images, image_size=image_size, tokens_side=tokens_side, hd_num=hd_num,
+                                    hd_variant=hd_variant)
     ids, kinds, tiles_of = tokenize(tok, text, layouts)
     return ids[None], kinds[None], tiles_of[None], (np.concatenate(tiles) if tiles else None)
 
@@ -148,9 +157,7 @@ def build_sample(cfg, tok: XComposerTokens, record, *, index: int = 0, source_id
     ``SampleError``."""
     import math
 
-    from mmjax.data import hd_images
     from mmjax.data.samples import SampleError, SampleInfo, load_record_image
-    from mmjax.models.xcomposer2 import image_token_layout
 
     if record.error:
         raise SampleError(record.error)
@@ -167,19 +174,9 @@ def build_sample(cfg, tok: XComposerTokens, record, *, index: int = 0, source_id
         text = conversation_text(messages)
     size, hd_num = int(cfg.image_size), int(cfg.get("hd_num", -1))
     side = math.isqrt(int(cfg.num_image_token))
-    pixel_chunks, layouts, first, grids, sizes = [], [], 0, [], []
-    for p in record.images:
-        im = load_record_image(p, cfg.get("alpha", "white"))
-        if hd_num > 0:
-            tiles, grid = hd_images.hd_tiles(im, hd_num, size, cfg.get("hd_variant", "4khd"))
-        else:
-            tiles, grid = hd_images.plain_tile(im, size), None
-        grids.append((1, 1) if grid is None else (grid[1], grid[0]))      # (cols, rows)
-        sizes.append(im.size)
-        kind, tile = image_token_layout(grid, side)
-        layouts.append((kind, np.where(tile >= 0, tile + first, -1)))
-        pixel_chunks.append(tiles)
-        first += len(tiles)
+    images = [load_record_image(p, cfg.get("alpha", "white")) for p in record.images]
+    layouts, pixel_chunks, grids = image_tiles(images, image_size=size, tokens_side=side, hd_num=hd_num,
+                                               hd_variant=cfg.get("hd_variant", "4khd"))
     try:
         ids, kinds, tiles_of = tokenize(tok, text, layouts)
     except ValueError as e:
@@ -195,7 +192,8 @@ def build_sample(cfg, tok: XComposerTokens, record, *, index: int = 0, source_id
     if n_sup == 0:
         raise SampleError(f"too long after truncation: no supervised token within max_length={max_len}"
                           if truncated else "zero supervised tokens")
-    info = SampleInfo([], list(record.images), grids, sizes, [len(t) for t in pixel_chunks], truncated)
+    info = SampleInfo([], list(record.images), [(1, 1) if g is None else (g[1], g[0]) for g in grids],  # (cols, rows)
+                      [im.size for im in images], [len(t) for t in pixel_chunks], truncated)
     return {
         "input_ids": ids, "labels": labels, "image_token": kinds, "image_tile": tiles_of,
         "pixel_values": pixel_values.astype(np.float32, copy=False),

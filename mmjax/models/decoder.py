@@ -200,23 +200,18 @@ class DecoderLayer(nnx.Module):
     def forward_chunked(self, x, cos, sin, prepared, active, chunk: int, image_mask=None):
         """The full forward pass with the per-token work in token chunks, the chunks ``active``
         marks as padding-only skipped (their outputs zeros: nothing reads a padding position)."""
-        if image_mask is None:
-            q, k, v = map_token_chunks(lambda xc, cc, sc: self.attn.project(self.input_norm(xc), cc, sc),
-                                       active, chunk, x, cos, sin)
+        masks = () if image_mask is None else (image_mask,)    # chunked with the tokens when given
 
-            def rest(xc, ac):
-                h = xc + self.attn.o_proj(ac).astype(xc.dtype)
-                return h + self.mlp(self.post_attention_norm(h)).astype(h.dtype)
+        def project(xc, cc, sc, *mc):
+            return self.attn.project(self.input_norm(xc), cc, sc, *mc)
 
-            return map_token_chunks(rest, active, chunk, x, self.attn.attend(q, k, v, prepared))
-        q, k, v = map_token_chunks(lambda xc, cc, sc, mc: self.attn.project(self.input_norm(xc), cc, sc, mc),
-                                   active, chunk, x, cos, sin, image_mask)
+        def rest(xc, ac, *mc):
+            m = mc[0] if mc else None
+            h = xc + self.attn.o_proj(ac, m).astype(xc.dtype)
+            return h + self.mlp(self.post_attention_norm(h), m).astype(h.dtype)
 
-        def rest_masked(xc, ac, mc):
-            h = xc + self.attn.o_proj(ac, mc).astype(xc.dtype)
-            return h + self.mlp(self.post_attention_norm(h), mc).astype(h.dtype)
-
-        return map_token_chunks(rest_masked, active, chunk, x, self.attn.attend(q, k, v, prepared), image_mask)
+        q, k, v = map_token_chunks(project, active, chunk, x, cos, sin, *masks)
+        return map_token_chunks(rest, active, chunk, x, self.attn.attend(q, k, v, prepared), *masks)
 
 
 class CausalLM(nnx.Module):

@@ -427,8 +427,17 @@ class InternViT(nnx.Module):
         return x[:, 1:]
 
     # ---------------------------------------------------------------------------------------
-    def weight_rules(self, layout: str = "internvl_chat") -> list[TensorRule]:
-        return weight_rules(self.cfg, layout)
+    def weight_rules(self, layout: str | None = None) -> list[TensorRule]:
+        """The tensor rules in ``layout`` (default: the one this module's config stores, :func:`own_layout`)."""
+        return weight_rules(self.cfg, own_layout(self.cfg) if layout is None else layout)
+
+
+def own_layout(cfg: InternViTConfig) -> str:
+    """The checkpoint layout a config's parameters are shaped for: ``clip`` (CLIP keys and shapes),
+    ``internvl_chat`` (fused qkv) or ``hf`` (separate q/k/v)."""
+    if cfg.clip_layout:
+        return "clip"
+    return "internvl_chat" if cfg.qkv_layout == "fused" else "hf"
 
 
 def weight_rules(cfg: InternViTConfig, layout: str = "internvl_chat") -> list[TensorRule]:

@@ -103,7 +103,8 @@ def linear_modules(model) -> list[LinearModule]:
     layer_map = model.num_layers_map()
     out = []
     for group, prefix, root in _groups(model):
-        local_rules = {tuple(r.path): r for r in _group_rules(model, group, root)}
+        # the ViT's rules in the layout its config stores (internvit.own_layout)
+        local_rules = {tuple(r.path): r for r in root.weight_rules()}
         for path, module in nnx.iter_modules(root):
             if not isinstance(module, Dense):
                 continue
@@ -119,12 +120,6 @@ def linear_modules(model) -> list[LinearModule]:
                                     local_path=path, local_hf_name=_strip_suffix(local.hf_key, ".weight"),
                                     num_layers=n))
     return out
-
-
-def _group_rules(model, group: str, root) -> list:
-    if group == "vit":
-        return root.weight_rules(model.cfg.layout)
-    return root.weight_rules()
 
 
 def _matches(name: str, target: str) -> bool:

@@ -93,11 +93,6 @@ class XComposer2Config:
                              f"{self.img_size // self.vision.patch_size}")
 
     @property
-    def layout(self) -> str:
-        """The weight layout of the vision tower's rules (``internvit.weight_rules``): CLIP's."""
-        return "clip"
-
-    @property
     def grid(self) -> int:
         """Patches per side of a tile."""
         return self.img_size // self.vision.patch_size

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax import sharding as shd
 from mmjax.data.batch import batch_shapes, row_keys
+from mmjax.data.xcomposer import TEMPLATE as XCOMPOSER_TEMPLATE
 from mmjax.dtypes import model_dtype
 from mmjax.models.options import ModelOptions
 from mmjax.train import optim as optim_lib
@@ -195,8 +196,8 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
     image_tokens = layout == "xcomposer2"
     if image_tokens:
         notes += _xcomposer_data(cfg, model)
-    elif cfg.data.template == "ixc2":
-        raise ConfigError(f"data.template='ixc2' is InternLM-XComposer2's; {_config_name(cfg, hf_config)} is a "
+    elif cfg.data.template == XCOMPOSER_TEMPLATE:
+        raise ConfigError(f"data.template='{XCOMPOSER_TEMPLATE}' is InternLM-XComposer2's; {_config_name(cfg, hf_config)} is a "
                           f"{layout} checkpoint")
     else:
         try:
@@ -318,8 +319,9 @@ def _xcomposer_data(cfg, model) -> list[str]:
     if cfg.eval.enabled:
         raise ConfigError("config.eval (held-out VQA after training) asks InternVL prompts; it does not support "
                           "XComposer2 checkpoints yet: set --config.eval.enabled=False")
-    if d.template != "ixc2":
-        raise ConfigError(f"an InternLM-XComposer2 checkpoint needs data.template='ixc2', got {d.template!r}")
+    if d.template != XCOMPOSER_TEMPLATE:
+        raise ConfigError(f"an InternLM-XComposer2 checkpoint needs data.template='{XCOMPOSER_TEMPLATE}', "
+                          f"got {d.template!r}")
     if int(d.image_size) != mc.img_size:
         what = "crop size of its HD grid" if mc.hd else "image size"
         raise ConfigError(f"data.image_size={d.image_size}, but the checkpoint's {what} is {mc.img_size}")
@@ -329,7 +331,7 @@ def _xcomposer_data(cfg, model) -> list[str]:
     if int(d.num_image_token) != mc.tokens_per_tile:
         raise ConfigError(f"data.num_image_token={d.num_image_token}, but a {mc.img_size}-px tile of this checkpoint "
                           f"gives {mc.tokens_per_tile} tokens")
-    return [f"template: ixc2 (InternLM-XComposer2), {mc.tokens_per_tile} tokens a {mc.img_size}-px tile"
+    return [f"template: {XCOMPOSER_TEMPLATE} (InternLM-XComposer2), {mc.tokens_per_tile} tokens a {mc.img_size}-px tile"
             + (f", HD grid of <= {d.hd_num} crops ({d.hd_variant})" if mc.hd else "")]
 
 

@@ -72,13 +72,13 @@ def _check_lora(keys) -> None:
                 f"internvl_chat/tools/merge_lora.py, or peft merge_and_unload() then save_pretrained)")
 
 
-def check_keys(reader: ShardedReader, table: dict, state, canon: dict[str, str], layout: str = "causal_lm") -> None:
+def check_keys(reader: ShardedReader, table: dict, state, canon: dict[str, str]) -> None:
     """Missing / unexpected keys and shape mismatches, from the headers alone (no data read).
 
-    ``canon`` maps each checkpoint key to its ``table`` key (identity except for spelling variants);
-    the tensors ``layout`` carries unread (:func:`layouts.carried_key`) are left out."""
+    ``canon`` maps each checkpoint key the model reads to its ``table`` key (identity except for
+    spelling variants); the tensors a layout carries unread (:func:`layouts.carried_key`) are not in it."""
     from mmjax.weights.rules import get_path
-    ckpt = {k: f for k, f in reader.weight_map.items() if not layouts.carried_key(layout, k)}
+    ckpt = {k: reader.weight_map[k] for k in canon}
     _check_lora(ckpt)
     where = INDEX_FILE if reader.sharded else SINGLE_FILE
     seen: dict[str, str] = {}
@@ -227,7 +227,7 @@ def load_into(model, reader: ShardedReader, sharding_fn: Callable | None = None,
     params = nnx.state(model, nnx.Param)
     to_table = layouts.key_canonicalizer(layout)
     canon = {k: to_table(k) for k in reader.weight_map if not layouts.carried_key(layout, k)}
-    check_keys(reader, table, params, canon, layout)
+    check_keys(reader, table, params, canon)
 
     sources: dict[tuple, tuple] = {}   # param path -> (rule, {layer index or None: checkpoint key})
     for key in canon:

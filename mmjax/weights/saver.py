@@ -181,7 +181,7 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
         specs = {}
         for t in entries:
             if t.key in carried:
-                specs[t.key] = (_out_dtype(t.dtype, override) if t.dtype in _FLOAT else t.dtype, tuple(t.shape))
+                specs[t.key] = (_out_dtype(t.dtype, override), tuple(t.shape))
                 continue
             rule, layer = table[canon[t.key]]
             var = get_path(params, rule.path)
