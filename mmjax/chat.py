@@ -75,16 +75,12 @@ def main(argv=None):
 
         import mmjax
         from mmjax.data.tokenizer import load_tokenizer
-        from mmjax.weights import CheckpointError
+        from mmjax.errors import exit_on_expected
 
         F = flags.FLAGS
-        try:
-            model = mmjax.from_pretrained(F.model, dtype=F.dtype)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        tokenizer = load_tokenizer(F.model)
-        images = [Image.open(p) for p in F.image]
+        model = exit_on_expected(mmjax.from_pretrained, F.model, dtype=F.dtype)
+        tokenizer = exit_on_expected(load_tokenizer, F.model)
+        images = exit_on_expected(lambda: [Image.open(p) for p in F.image])
         from mmjax.models.xcomposer2 import XComposer2
         if isinstance(model, XComposer2):   # multi-image prompts place images at <ImageHere>
             print(answer_xcomposer2(model, tokenizer, F.prompt, images, hd_num=F.hd_num, hd_variant=F.hd_variant,
@@ -99,7 +95,8 @@ def main(argv=None):
                      temperature=F.temperature, top_p=F.top_p, top_k=F.top_k, seed=F.seed,
                      settings=settings_for(model, F.max_num)))
 
-    app.run(run, argv)
+    from mmjax.errors import parse_flags_or_exit
+    app.run(run, argv, flags_parser=parse_flags_or_exit)
 
 
 if __name__ == "__main__":

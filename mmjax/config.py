@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 1
     c.checkpoint.async_save = True
 
+    # a restart resumes the workdir's newest intact checkpoint; a change of what the run means
+    # (model, trainable set, LoRA, data, seed) is refused unless named here: comma-separated keys or
+    # sections, e.g. --config.resume.allow_changes=data.meta_path,seed (mmjax/train/resume.py)
+    c.resume = ml_collections.ConfigDict({"allow_changes": ""})
+
     c.log_every = 1
     c.export = ml_collections.ConfigDict({"hf": True, "dtype": "bfloat16"})
     # held-out VQA after training: InternVL JSONL (answer = the gpt turn), images under `root`
@@ -133,6 +138,7 @@ def second_finetune(name: str, model_path: str, template: str, *, lr: float, wei
     c.data.template = template
     c.data.max_length = max_length
     c.data.max_dynamic_patch = 12
+    c.data.min_num_frame, c.data.max_num_frame = 8, 32   # upstream's video frame range in training
     c.data.pack_max_length = 16384
     c.data.max_tiles_per_pack = 64
     c.data.batch_size = 32

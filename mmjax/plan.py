@@ -26,6 +26,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax.errors import UserError
+
 GiB = 2 ** 30
 # the memory a process can use on one device of each kind, and why that figure
 DEVICES = {
@@ -39,7 +41,7 @@ HEADROOM = 0.90   # share of a device's memory a plan may fill (allocator fragme
 
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The plan cannot be made (one-line message)."""
 
 
@@ -172,7 +174,8 @@ def main(argv):
     from absl import logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # JAX's backend probing lines
-    cfg = _CONFIG.value
+    from mmjax.errors import config_or_exit
+    cfg = config_or_exit(_CONFIG)
     if _DEVICE.value is not None and _DEVICE.value not in DEVICES:
         print(f"error: --device={_DEVICE.value}: choose one of {', '.join(DEVICES)}", file=sys.stderr)
         sys.exit(2)
@@ -182,11 +185,8 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", max(n, 1))
     except RuntimeError:
         pass
-    try:
-        plan = make_plan(cfg)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from mmjax.errors import exit_on_expected
+    plan = exit_on_expected(make_plan, cfg)
     print(format_plan(plan, _DEVICE.value))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
@@ -194,5 +194,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from mmjax.errors import parse_flags_or_exit
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

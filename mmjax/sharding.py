@@ -17,6 +17,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -159,7 +161,7 @@ def named_sharding(mesh: Mesh, axes, shape=None, unsharded: list | None = None) 
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, unsharded))
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """The parameters would be replicated where the mesh was meant to split them (one-line message)."""
 
 

@@ -95,9 +95,9 @@ def test_meta_jsonl_all_kinds(tmp_path, tok):
 
 
 def test_video_frame_indices():
-    from mmjax.data.samples import video_frame_indices
-    assert video_frame_indices(10, 4) == [1, 3, 6, 8]
-    assert video_frame_indices(3, 8) == [0, 1, 2]
+    from mmjax.data.video import segment_frames
+    assert segment_frames(10, 4) == [1, 3, 6, 8]
+    assert segment_frames(3, 8) == [0, 1, 2]
 
 
 def test_repeat_time(tmp_path, tok):
@@ -212,7 +212,7 @@ def test_truncation_never_cuts_an_image_block(tmp_path, tok):
     recs[0]["conversations"][0]["value"] = "Look."
     recs[0]["conversations"][2]["value"] = q
     meta = write_meta(tmp_path, {"t": (recs, {})})
-    full = build_dataset(small_cfg(meta_path=meta, max_length=4096), tok)[0]
+    full = build_dataset(small_cfg(meta_path=meta, max_length=4096, pack_max_length=4096), tok)[0]
     img_start, img_end = (tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>"))
     starts = np.flatnonzero(full["input_ids"] == img_start)
     assert len(starts) == 2

@@ -244,3 +244,29 @@ def test_canonical_key_checkpoint_loads_same(hf_pair, tmp_path):
     other = _load(d)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(other, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_intern_s1_mini_layout_loads_matches_and_saves_back_byte_for_byte(tmp_path):
+    """Intern-S1(-mini) publishes transformers InternVL's tensor names under its own model_type
+    (``interns1``, remote code ``InternS1ForConditionalGeneration``): the same loader reads it, the
+    logits match the transformers model of those weights, and a save writes every file back
+    byte for byte."""
+    import mmjax
+    d, ref = fx.make_hf_internvl(str(tmp_path / "s1"), vit="300m", text="qwen3", seed=3, canonical_keys=True)
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(model_type="interns1", architectures=["InternS1ForConditionalGeneration"],
+               auto_map={"AutoConfig": "configuration_interns1.InternS1Config",
+                         "AutoModelForCausalLM": "modeling_interns1.InternS1ForConditionalGeneration"})
+    cfg["vision_config"]["model_type"] = "interns1_vision"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    model = mmjax.from_pretrained(d, dtype="float32")   # the real loading path: layout from config.json
+    assert model.hf_layout == "internvl_hf" and model.cfg.text.family == "qwen3"
+    ids, px = _inputs()
+    got, bad, _ = _run(model, ids, px)
+    assert not bad and _rel(got, _torch_logits(ref, ids, px)) <= 1e-3
+    out = tmp_path / "saved"
+    mmjax.save_pretrained(model, str(out))
+    for name in ("config.json", "model.safetensors"):
+        assert (out / name).read_bytes() == open(os.path.join(d, name), "rb").read(), name

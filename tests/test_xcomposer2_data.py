@@ -233,6 +233,7 @@ def test_data_check_and_show_read_ixc2_samples(workspace, tmp_path):
                           capture_output=True, text=True, env=env)
     assert show.returncode == 0, show.stderr
     assert "image 1:" in show.stdout and "image 2:" in show.stdout and "A red square." not in show.stdout
+    assert show.stdout.count("<image: ") == 2   # each image's positions as one run, not the placeholder's text
 
 
 def _peft_adapter_matches_the_merged_export(checkpoint, wd, root):

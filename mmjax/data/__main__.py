@@ -20,6 +20,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax.errors import config_or_exit, expected_message, one_line, parse_flags_or_exit
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config() with a `data` field).")
 _INDEX = flags.DEFINE_integer("index", 0, "Sample index for `show`.")
 _COLOR = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"], "Colour supervised spans in `show`.")
@@ -95,22 +97,26 @@ def _collapse_images(text):
 SUPERVISED = ("\u27e6", "\u27e7")   # the marks around supervised spans: not brackets data uses (boxes: [[x, y, ...]])
 
 
-def render_supervised(tokenizer, input_ids, labels, color=False):
-    """Decode with supervised spans wrapped in SUPERVISED marks (and green)."""
+def render_supervised(tokenizer, input_ids, labels, color=False, image_token=None):
+    """Decode with supervised spans wrapped in SUPERVISED marks (and green). ``image_token``
+    (XComposer2 samples): the positions the model fills with image features, shown as one
+    ``<image: N positions>`` per run instead of the placeholder id's text."""
     from mmjax.data.batch import IGNORE_INDEX
-    parts, cur, cur_sup = [], [], None
-    for t, l in zip(input_ids.tolist(), labels.tolist()):
-        sup = l != IGNORE_INDEX
-        if cur and sup != cur_sup:
-            parts.append((cur_sup, cur))
+    image = [False] * len(input_ids) if image_token is None else [int(k) >= 0 for k in image_token]
+    parts, cur, cur_key = [], [], None
+    for t, l, im in zip(input_ids.tolist(), labels.tolist(), image):
+        key = (l != IGNORE_INDEX, im)
+        if cur and key != cur_key:
+            parts.append((cur_key, cur))
             cur = []
         cur.append(t)
-        cur_sup = sup
+        cur_key = key
     if cur:
-        parts.append((cur_sup, cur))
+        parts.append((cur_key, cur))
     out = []
-    for sup, ids in parts:
-        text = _collapse_images(tokenizer.decode(ids, skip_special_tokens=False))
+    for (sup, im), ids in parts:
+        text = (f"<image: {len(ids)} positions>" if im else
+                _collapse_images(tokenizer.decode(ids, skip_special_tokens=False)))
         if sup:
             text = f"{SUPERVISED[0]}{text}{SUPERVISED[1]}"
             text = f"\x1b[32m{text}\x1b[0m" if color else text
@@ -143,7 +149,8 @@ def cmd_show(config, index, out=sys.stdout, color=False):
           f"{'' if info.matches_whole in (None, True) else ', segment tokenization differs from whole-string'}",
           file=out)
     print("-" * 80, file=out)
-    print(render_supervised(tok, sample["input_ids"], sample["labels"], color=color), file=out)
+    print(render_supervised(tok, sample["input_ids"], sample["labels"], color=color,
+                            image_token=sample.get("image_token")), file=out)
     return 0
 
 
@@ -151,7 +158,7 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in ("check", "show"):
         print(USAGE, file=sys.stderr)
         return 2
-    config = _CONFIG.value
+    config = config_or_exit(_CONFIG) if flags.FLAGS["config"].present else None
     if config is None:
         print("error: --config is required\n" + USAGE, file=sys.stderr)
         return 2
@@ -170,13 +177,16 @@ def main(argv):
             return cmd_check(config)
         color = _COLOR.value == "always" or (_COLOR.value == "auto" and sys.stdout.isatty())
         return cmd_show(config, _INDEX.value, color=color)
-    except (CliError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:   # noqa: BLE001 - expected failures are one line, bugs keep their traceback
+        msg = str(e) if isinstance(e, CliError) else expected_message(e)
+        if msg is None:
+            raise
+        print(f"error: {one_line(msg)}", file=sys.stderr)
         return 2
 
 
 def run():
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags_or_exit)
 
 
 if __name__ == "__main__":

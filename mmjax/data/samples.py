@@ -5,6 +5,10 @@ Validation happens in two places:
     role, empty turn, no assistant turn, placeholder count != image count, missing image file;
   * lazily, when a sample is built: unreadable image, too long after truncation (truncation would leave no
     supervised token), zero supervised tokens.
+A sample that cannot fit one row of the loader (``data.config.row_budget``) is found up front where the
+record alone shows it (more images or frames than tiles a row holds), else when it is built; by
+``data.on_oversize`` it is an error naming its file:line ('error', before step 1 where it can be) or
+one more counted skip ('skip').
 Training mode drops records that failed up front from the index (counted), and a lazily failing sample
 becomes ``None`` (grain's convention for a filtered element; counted per process). When the skipped count
 exceeds ``max_skip_fraction`` x the number of samples the run stops with a ``SkipBudgetExceeded`` error.
@@ -21,18 +25,24 @@ from absl import logging
 
 from mmjax.data import images as img_lib
 from mmjax.data import templates as tpl
+from mmjax.data import video as video_lib
 from mmjax.data import xcomposer as xc_data
 from mmjax.data.batch import IGNORE_INDEX
-from mmjax.data.config import validate_data_config
+from mmjax.data.config import row_budget, validate_data_config
 from mmjax.data.sources import load_sources
+from mmjax.errors import DataError, UserError
 
 
 class SampleError(Exception):
     """A record that cannot become a training sample; the message is the reason."""
 
 
-class SkipBudgetExceeded(RuntimeError):
-    pass
+class OversizeError(SampleError):
+    """A sample that cannot fit one row of the loader (``data.on_oversize`` decides its fate)."""
+
+
+class SkipBudgetExceeded(UserError, RuntimeError):
+    """More samples were skipped than data.max_skip_fraction allows."""
 
 
 @dataclasses.dataclass
@@ -47,12 +57,24 @@ class SampleInfo:
     matches_whole: bool | None = None
 
 
-def video_frame_indices(n_frames, num):
-    """``num`` frames evenly spread (middle of equal segments); all frames when there are fewer."""
-    if n_frames <= num:
-        return list(range(n_frames))
-    seg = n_frames / num
-    return [min(n_frames - 1, int(seg / 2 + seg * i)) for i in range(num)]
+def video_frames(cfg, record, rng, limits) -> tuple[list[str], list | None]:
+    """The frames a video record's sample takes (``mmjax.data.video``): (their names, their decoded
+    images), or (the picked frame files, None) for a frame list. An unreadable video file is a
+    ``SampleError`` naming it."""
+    if isinstance(record.video, list):
+        n = len(record.video)
+        picks = video_lib.segment_frames(n, video_lib.frame_count_to_take(cfg, n, rng, limits), rng)
+        return [record.video[i] for i in picks], None
+    try:
+        n = video_lib.frame_count(record.video, record.clip)
+        if n == 0:
+            raise video_lib.VideoError(f"no frames in {record.video}"
+                                       + (f" within clip {list(record.clip)}" if record.clip else ""))
+        picks = video_lib.segment_frames(n, video_lib.frame_count_to_take(cfg, n, rng, limits), rng)
+        images = video_lib.decode_frames(record.video, picks, record.clip)
+    except video_lib.VideoError as e:
+        raise SampleError(str(e)) from None
+    return [f"{record.video} frame {i}" for i in picks], images
 
 
 def expand_video_placeholder(messages, n_frames):
@@ -78,6 +100,7 @@ def load_record_image(path, alpha="white"):
 class SampleBuilder:
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
+        self.row_tokens, self.row_tiles = row_budget(cfg)
         self.xcomposer = None
         if cfg.template == xc_data.TEMPLATE:     # InternLM-XComposer2: its own text and image tokens
             self.xcomposer = xc_data.XComposerTokens(tokenizer)
@@ -86,28 +109,42 @@ class SampleBuilder:
         self.template = tpl.get_template(cfg.template)
 
     def build(self, record, *, index=0, source_id=0, data_augment=False, max_dynamic_patch=None,
-              with_info=False, verify_tokenization=False):
-        cfg = self.cfg
+              with_info=False, verify_tokenization=False, random_frames=False, frame_limits=None):
+        """The processed sample of ``record`` (and its ``SampleInfo``); ``SampleError`` when it cannot
+        be trained on, ``OversizeError`` when it does not fit one row. ``random_frames``: a video's
+        frames drawn as in training (``mmjax.data.video``); ``frame_limits``: its dataset's own."""
         if self.xcomposer is not None:
-            sample, info = xc_data.build_sample(cfg, self.xcomposer, record, index=index, source_id=source_id)
-            return (sample, info) if with_info else sample
+            sample, info = xc_data.build_sample(self.cfg, self.xcomposer, record, index=index, source_id=source_id)
+        else:
+            sample, info = self._build(record, index=index, source_id=source_id, data_augment=data_augment,
+                                       max_dynamic_patch=max_dynamic_patch, verify_tokenization=verify_tokenization,
+                                       random_frames=random_frames, frame_limits=frame_limits)
+        n, k = int(sample["num_tokens"]), int(len(sample["pixel_values"]))
+        if n > self.row_tokens or k > self.row_tiles:
+            raise OversizeError(f"over the row budget: {n} tokens and {k} tiles, a row holds {self.row_tokens} "
+                                f"tokens and {self.row_tiles} tiles")
+        return (sample, info) if with_info else sample
+
+    def _build(self, record, *, index, source_id, data_augment, max_dynamic_patch, verify_tokenization,
+               random_frames, frame_limits):
+        cfg = self.cfg
         if record.error:
             raise SampleError(record.error)
         aug_rng = np.random.default_rng([int(cfg.seed), int(index)]) if data_augment else None
         messages = list(record.messages)
-        paths = record.images
+        paths, decoded = record.images, None
         pixel_chunks, grids, sizes, tiles = [], [], [], []
         if record.video is not None:
-            picks = video_frame_indices(len(record.video), int(cfg.num_video_frames))
-            paths = [record.video[i] for i in picks]
+            frames_rng = np.random.default_rng([int(cfg.seed), int(index), 1]) if random_frames else None
+            paths, decoded = video_frames(cfg, record, frames_rng, frame_limits)
             messages = expand_video_placeholder(messages, len(paths))
             budget, dynamic = 1, False
         else:
             mdp = int(max_dynamic_patch or cfg.max_dynamic_patch)
             budget = max(1, mdp // len(paths)) if len(paths) > 1 else mdp
             dynamic = bool(cfg.dynamic_image_size)
-        for p in paths:
-            im = load_record_image(p, cfg.get("alpha", "white"))
+        for j, p in enumerate(paths):
+            im = decoded[j] if decoded is not None else load_record_image(p, cfg.get("alpha", "white"))
             pv, grid = img_lib.process_image(
                 im, min_num=min(int(cfg.min_dynamic_patch), budget), max_num=budget, image_size=int(cfg.image_size),
                 use_thumbnail=bool(cfg.use_thumbnail), dynamic=dynamic, normalize_type=cfg.normalize_type,
@@ -165,9 +202,11 @@ class SampleBuilder:
             "source_id": int(source_id),
             "index": int(index),
         }
-        if with_info:
-            return sample, SampleInfo(segments, list(paths), grids, sizes, list(tiles), truncated, matches)
-        return sample
+        return sample, SampleInfo(segments, list(paths), grids, sizes, list(tiles), truncated, matches)
+
+
+OVERSIZE_ADVICE = ("raise data.pack_max_length / data.max_tiles_per_pack, or set data.on_oversize='skip' "
+                   "to skip such samples (counted)")
 
 
 class SampleSource:
@@ -183,9 +222,14 @@ class SampleSource:
         self.bad_records = []  # (where, reason), each bad record once
         src_ids, rec_ids = [], []
         total = 0
+        oversize = []
         for sid, s in enumerate(self.sources):
             bad = np.zeros(len(s.records), bool)
             for k, r in enumerate(s.records):
+                if not r.error:
+                    r.error = self._oversize_up_front(r)
+                    if r.error:
+                        oversize.append(r)
                 if r.error:
                     bad[k] = True
                     self.bad_records.append((r.where, r.error))
@@ -196,6 +240,10 @@ class SampleSource:
             src_ids.append(np.full(len(keep), sid, np.int32))
             rec_ids.append(keep.astype(np.int64))
         self.total_samples = total
+        if oversize and mode == "train" and self._on_oversize() == "error":
+            raise DataError(f"{oversize[0].where}: {oversize[0].error}"
+                            + (f" (and {len(oversize) - 1} more records)" if len(oversize) > 1 else "")
+                            + f"; {OVERSIZE_ADVICE}")
         self._src = np.concatenate(src_ids) if src_ids else np.zeros(0, np.int32)
         self._rec = np.concatenate(rec_ids) if rec_ids else np.zeros(0, np.int64)
         self.lazy_skips = collections.Counter()
@@ -207,6 +255,24 @@ class SampleSource:
                             dict(self.upfront_skips))
         if mode == "train":
             self._check_budget()
+
+    def _on_oversize(self) -> str:
+        return self.cfg.get("on_oversize", "error")
+
+    def _oversize_up_front(self, rec) -> str | None:
+        """Why ``rec`` can never fit one row, from the record alone (every image and video frame is
+        at least one tile), else None; the rest is found when the sample is built."""
+        if isinstance(rec.video, list):   # a video file's frame count is known once it is opened
+            fewest = (int(self.cfg.get("min_num_frame", 8)) if int(self.cfg.get("max_num_frame", 0)) > 0
+                      else int(self.cfg.num_video_frames))
+            n = min(len(rec.video), fewest)
+        else:
+            n = 0 if rec.video is not None else len(rec.images)
+        if n > self.builder.row_tiles:
+            what = "video frames" if rec.video is not None else "images"
+            return (f"over the row budget: {n} {what}, at least {n} tiles, a row holds {self.builder.row_tiles} "
+                    f"(data.max_tiles_per_pack)")
+        return None
 
     def __len__(self):
         return len(self._src)
@@ -223,18 +289,27 @@ class SampleSource:
         try:
             return self.builder.build(rec, index=i, source_id=sid, data_augment=s.data_augment or
                                       bool(self.cfg.get("data_augment", False)) and s.fmt != "internvl",
-                                      max_dynamic_patch=s.max_dynamic_patch)
+                                      max_dynamic_patch=s.max_dynamic_patch, random_frames=self.mode == "train",
+                                      frame_limits=s.frame_limits)
+        except OversizeError as e:
+            if self._on_oversize() == "error":
+                raise DataError(f"{rec.where}: {e}; {OVERSIZE_ADVICE}") from None
+            return self._skipped(i, rec, e)
         except SampleError as e:
-            with self._lock:   # a sample counts once, however often it is built (start-up probe, epochs)
-                first = i not in self._failed
-                if first:
-                    self._failed.add(i)
-                    self.lazy_skips[_reason_key(str(e))] += 1
+            return self._skipped(i, rec, e)
+
+    def _skipped(self, i, rec, e):
+        """Count the failed sample ``i`` (once) and return grain's None."""
+        with self._lock:   # a sample counts once, however often it is built (start-up probe, epochs)
+            first = i not in self._failed
             if first:
-                logging.warning("mmjax.data: skipped %s: %s", rec.where, e)
-            if self.mode == "train":
-                self._check_budget()
-            return None
+                self._failed.add(i)
+                self.lazy_skips[_reason_key(str(e))] += 1
+        if first:
+            logging.warning("mmjax.data: skipped %s: %s", rec.where, e)
+        if self.mode == "train":
+            self._check_budget()
+        return None
 
     def skipped(self):
         return sum(self.upfront_skips.values()) + sum(self.lazy_skips.values())

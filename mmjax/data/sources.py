@@ -8,6 +8,13 @@ taken relative to the working directory when it exists there (as upstream, which
 ``internvl_chat/`` or ``finetune/``), else relative to the first of the naming file's folder and the folders
 above it where it exists (``_resolve``). InternVL / XTuner image paths inside records are joined to the
 source root (``root`` / ``media_root``).
+
+Reading rules: files are UTF-8; a UTF-8 byte-order mark at the start of a file is skipped; a JSONL
+line (or a JSON-list element) holding bytes that are not UTF-8 is a bad record naming its file:line,
+like malformed JSON. A per-dataset setting (meta ``repeat_time``, ``data_augment``,
+``max_dynamic_patch``; a dataset list's ``sample_ratio``, ...) must have its JSON type: a boolean is
+``true`` / ``false`` (or 0 / 1), a number is a number; a string there ("false", "6") is an error,
+since Python reads ``"false"`` as true. ``null`` means the setting's default.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ import re
 import zlib
 
 import numpy as np
+from absl import logging
+
+from mmjax.data.video import VIDEO_EXTS, is_video_file
+from mmjax.errors import DataError
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
             "system": "system"}
@@ -33,7 +44,8 @@ class Record:
     line: int
     messages: list = dataclasses.field(default_factory=list)   # [(role, text)], roles system/user/assistant
     images: list = dataclasses.field(default_factory=list)     # resolved image paths
-    video: list | None = None                                  # resolved frame paths (all frames)
+    video: list | str | None = None                            # resolved frame paths (all frames), or a video file
+    clip: tuple | None = None                                  # (start, end) seconds of a video file
     error: str | None = None
     # the record's one image had no placeholder and "<image>\n" was put before the first user text
     # (XComposer2 puts such an image before the whole conversation instead)
@@ -59,6 +71,7 @@ class Source:
     order: np.ndarray             # record indices making one epoch
     data_augment: bool = False
     max_dynamic_patch: int | None = None
+    frame_limits: tuple | None = None   # the dataset's own (min_num_frame, max_num_frame), None: the config's
 
 
 def _resolve(path, base_dir):
@@ -91,6 +104,47 @@ def _rng(seed, name):
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
+def spec_value(spec, key, default, kind, where):
+    """``spec[key]`` as ``kind`` (bool | int | float); absent or null: ``default``; a value of
+    another JSON type is a ``DataError`` naming ``where`` and the key (see the module docstring)."""
+    v = spec.get(key) if hasattr(spec, "get") else getattr(spec, key, None)
+    if v is None:
+        return default
+    if kind is bool:
+        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+            return bool(v)
+        raise DataError(f"{where}: {key} must be true or false, got {json.dumps(v)}"
+                        + (" (a string: write true / false without quotes)" if isinstance(v, str) else ""))
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataError(f"{where}: {key} must be a number, got {json.dumps(v)}")
+    if kind is int and v != int(v):
+        raise DataError(f"{where}: {key} must be a whole number, got {v}")
+    return kind(v)
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")   # bytes that are not UTF-8, as surrogateescape decodes them
+
+
+def _read_text(path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped, bytes that are not UTF-8 kept
+    as lone surrogates (``_NOT_UTF8``) so the record holding them can be named."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _utf8_problem(text, start=0, end=None) -> tuple[int, str] | None:
+    """(line offset from ``start``'s line, reason) of the first byte in ``text[start:end]`` that is not
+    UTF-8, or None."""
+    m = _NOT_UTF8.search(text, start, len(text) if end is None else end)
+    if m is None:
+        return None
+    col = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
+    return text.count("\n", start, m.start()), f"not UTF-8: byte 0x{ord(m.group(0)) - 0xDC00:02x} at column {col}"
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 
@@ -98,11 +152,11 @@ def repeat_time_indices(n, repeat_time):
     """InternVL ``repeat_time``: r < 1 keeps the first floor(n*r) lines; r >= 1 must be a whole number."""
     r = float(repeat_time)
     if r < 0:
-        raise ValueError(f"repeat_time must be >= 0, got {repeat_time}")
+        raise DataError(f"repeat_time must be >= 0, got {repeat_time}")
     if r < 1:
         return np.arange(int(math.floor(n * r)), dtype=np.int64)
     if r != int(r):
-        raise ValueError(f"repeat_time {repeat_time} > 1 must be a whole number")
+        raise DataError(f"repeat_time {repeat_time} > 1 must be a whole number")
     return np.tile(np.arange(n, dtype=np.int64), int(r))
 
 
@@ -121,7 +175,7 @@ def sample_ratio_indices(n, ratio, rng):
     """XTuner ``sample_ratio``: floor(r) full repeats + a random subset (without replacement) of the rest."""
     r = float(ratio)
     if r < 0:
-        raise ValueError(f"sample_ratio must be >= 0, got {ratio}")
+        raise DataError(f"sample_ratio must be >= 0, got {ratio}")
     target = int(math.floor(n * r + 1e-9))
     reps = int(math.floor(r))
     base = np.tile(np.arange(n, dtype=np.int64), reps)
@@ -135,20 +189,22 @@ def sample_ratio_indices(n, ratio, rng):
 
 def iter_jsonl(path):
     """Yield (line_no, obj, error) for the non-blank lines of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield k, json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield k, None, f"malformed JSON: {e.msg} (column {e.colno})"
+    for k, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        bad = _utf8_problem(line)
+        if bad:
+            yield k, None, bad[1]
+            continue
+        try:
+            yield k, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield k, None, f"malformed JSON: {e.msg} (column {e.colno})"
 
 
 def iter_json_list(path):
     """Yield (line_no, obj, error) for the elements of a JSON list file; line = where the element starts."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     dec = json.JSONDecoder()
     ws = re.compile(r"[\s,]*")
     pos = ws.match(text, 0).end()
@@ -170,11 +226,16 @@ def iter_json_list(path):
             return
         line = text.count("\n", 0, pos) + 1
         try:
+            start = pos
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             yield e.lineno, None, f"malformed JSON: {e.msg}"
             return  # cannot resynchronise inside a broken list
-        yield line, obj, None
+        bad = _utf8_problem(text, start, pos)
+        if bad:
+            yield line + bad[0], None, bad[1]
+        else:
+            yield line, obj, None
 
 
 def _frame_files(folder):
@@ -323,11 +384,26 @@ def _fill_record(rec, obj, *, root, fmt, check_files):
             raise _Bad(f"{n_video} <video> placeholders for 1 video")
         if n_video == 0:
             msgs[first_user][1] = "<video>\n" + msgs[first_user][1]
+        clip = obj.get("clip")
+        if clip is not None:
+            if not (isinstance(clip, list) and len(clip) == 2 and all(isinstance(t, (int, float)) for t in clip)
+                    and 0 <= clip[0] < clip[1]):
+                raise _Bad(f"'clip' must be [start, end] seconds with 0 <= start < end, got {json.dumps(clip)}")
+            rec.clip = (float(clip[0]), float(clip[1]))
+        if isinstance(video, str) and is_video_file(video) and not video.endswith("/"):
+            path = _join_root(root, video)
+            if check_files and not video.startswith("s3://") and not os.path.isfile(path):
+                raise _Bad(f"missing video: {path}")
+            rec.video = path
+            rec.messages = [tuple(m) for m in msgs]
+            return
+        if rec.clip is not None:
+            raise _Bad("'clip' applies to a video file, not to frames")
         if isinstance(video, str):
             folder = _join_root(root, video)
             if not os.path.isdir(folder):
                 if os.path.isfile(folder):
-                    raise _Bad(f"video files are not supported, give a frame list or folder: {folder}")
+                    raise _Bad(f"{folder} is neither a video file ({', '.join(VIDEO_EXTS)}) nor a frame folder")
                 raise _Bad(f"missing video frame folder: {folder}")
             frames = _frame_files(folder)
             if not frames:
@@ -335,7 +411,7 @@ def _fill_record(rec, obj, *, root, fmt, check_files):
         elif isinstance(video, list) and video and all(isinstance(p, str) for p in video):
             frames = [_join_root(root, p) for p in video]
         else:
-            raise _Bad("'video' must be a frame folder or a non-empty list of frame paths")
+            raise _Bad("'video' must be a video file, a frame folder or a non-empty list of frame paths")
         if check_files:
             for p in frames:
                 if not os.path.isfile(p):
@@ -384,34 +460,53 @@ def _read_records(path, *, source, root, fmt, check_files, json_list=False):
 
 def load_meta_json(meta_path, *, check_files=True):
     """InternVL ``--meta_path`` file -> list of Sources (in file order)."""
-    with open(meta_path, encoding="utf-8") as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path}:{e.lineno}: malformed meta JSON: {e.msg}") from e
+    text = _read_text(meta_path)
+    bad = _utf8_problem(text)
+    if bad:
+        raise DataError(f"{meta_path}:{bad[0] + 1}: {bad[1]}")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_path}:{e.lineno}: malformed meta JSON: {e.msg}") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: meta JSON must be an object {{name: {{root, annotation, ...}}}}")
+        raise DataError(f"{meta_path}: meta JSON must be an object {{name: {{root, annotation, ...}}}}")
     base = os.path.dirname(os.path.abspath(meta_path))
     sources = []
     for name, spec in meta.items():
+        where = f"{meta_path}:{_key_line(text, name)}: dataset {name!r}"
         for key in ("root", "annotation"):
             if not isinstance(spec, dict) or key not in spec:
-                raise ValueError(f"{meta_path}: dataset {name!r} lacks {key!r}")
+                raise DataError(f"{meta_path}: dataset {name!r} lacks {key!r}")
         ann = _resolve(spec["annotation"], base)
         if not str(ann).endswith("jsonl"):
-            raise ValueError(f"{meta_path}: dataset {name!r}: annotation must be a .jsonl file: {ann}")
+            raise DataError(f"{meta_path}: dataset {name!r}: annotation must be a .jsonl file: {ann}")
         if not os.path.isfile(ann):
-            raise ValueError(f"{meta_path}: dataset {name!r}: annotation file not found: {ann}")
+            raise DataError(f"{meta_path}: dataset {name!r}: annotation file not found: {ann}")
         root = spec["root"] if str(spec["root"]).startswith("s3://") else _resolve(spec["root"], base)
         records = _read_records(ann, source=name, root=root, fmt="internvl", check_files=check_files)
         try:
-            order = repeat_time_indices(len(records), spec.get("repeat_time", 1))
+            order = repeat_time_indices(len(records), spec_value(spec, "repeat_time", 1.0, float, where))
         except ValueError as e:
-            raise ValueError(f"{meta_path}: dataset {name!r}: {e}") from e
-        mdp = spec.get("max_dynamic_patch")
-        sources.append(Source(name, "internvl", ann, records, order, bool(spec.get("data_augment", False)),
-                              int(mdp) if mdp is not None else None))
+            raise DataError(f"{where}: {e}") from None
+        length = spec_value(spec, "length", None, int, where)
+        if length is not None and length != len(records):   # upstream only logs it; a stale meta is worth a word
+            logging.warning("%s: length %d, but %s holds %d records (mmjax reads the file)", where, length, ann,
+                            len(records))
+        mdp = spec_value(spec, "max_dynamic_patch", None, int, where)
+        if mdp is not None and mdp < 1:
+            raise DataError(f"{where}: max_dynamic_patch must be >= 1, got {mdp}")
+        limits = (spec_value(spec, "min_num_frame", None, int, where), spec_value(spec, "max_num_frame", None, int, where))
+        sources.append(Source(name, "internvl", ann, records, order, spec_value(spec, "data_augment", False, bool, where),
+                              mdp, None if limits == (None, None) else limits))
     return sources
+
+
+def _key_line(text, key) -> int:
+    """The line of a top-level key in a JSON object's text (1 when it cannot be found)."""
+    at = text.find(json.dumps(key) + ":")
+    if at < 0:
+        at = text.find(json.dumps(key))
+    return text.count("\n", 0, at) + 1 if at >= 0 else 1
 
 
 def load_xcomposer(data_txt, *, seed=0, check_files=True):
@@ -421,27 +516,33 @@ def load_xcomposer(data_txt, *, seed=0, check_files=True):
     if data_txt.endswith(".json"):
         entries.append((data_txt, None, 1))
     else:
-        with open(data_txt, encoding="utf-8") as f:
-            for k, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                parts = line.rsplit(None, 1)
-                num = None
-                if len(parts) == 2:
-                    try:
-                        num = float(parts[1])
-                        path = parts[0]
-                    except ValueError:
-                        path = line
-                else:
+        text = _read_text(data_txt)
+        for k, line in enumerate(text.split("\n"), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            bad = _utf8_problem(line)
+            if bad:
+                raise DataError(f"{data_txt}:{k}: {bad[1]}")
+            parts = line.rsplit(None, 1)
+            num = None
+            if len(parts) == 2:
+                try:
+                    num = float(parts[1])
+                    path = parts[0]
+                except ValueError:
                     path = line
-                entries.append((_resolve(path, base), num, k))
+                if num is not None and not num >= 0:   # NaN too
+                    raise DataError(f"{data_txt}:{k}: sample count {parts[1]} must be >= 0 "
+                                    f"(thousands of samples drawn from {parts[0]})")
+            else:
+                path = line
+            entries.append((_resolve(path, base), num, k))
     sources = []
     names = set()
     for path, num, k in entries:
         if not os.path.isfile(path):
-            raise ValueError(f"{data_txt}:{k}: JSON file not found: {path}")
+            raise DataError(f"{data_txt}:{k}: JSON file not found: {path}")
         name = os.path.splitext(os.path.basename(path))[0]
         while name in names:
             name += "_"
@@ -469,25 +570,26 @@ def load_xtuner(datasets, *, seed=0, check_files=True):
     for k, entry in enumerate(datasets):
         anno = _get(entry, "anno_path")
         if not anno:
-            raise ValueError(f"data.datasets[{k}]: missing 'anno_path'")
+            raise DataError(f"data.datasets[{k}]: missing 'anno_path'")
         if os.path.isdir(anno):
             files = sorted(os.path.join(d, f) for d, _, fs in os.walk(anno) for f in fs if f.endswith(".jsonl"))
             if not files:
-                raise ValueError(f"data.datasets[{k}]: no .jsonl files under {anno}")
+                raise DataError(f"data.datasets[{k}]: no .jsonl files under {anno}")
         elif os.path.isfile(anno):
             files = [anno]
         else:
-            raise ValueError(f"data.datasets[{k}]: anno_path not found: {anno}")
+            raise DataError(f"data.datasets[{k}]: anno_path not found: {anno}")
         base_name = _get(entry, "name") or os.path.splitext(os.path.basename(os.path.normpath(anno)))[0]
         media_root = _get(entry, "media_root", "")
-        ratio = float(_get(entry, "sample_ratio", 1.0))
-        mdp = _get(entry, "max_dynamic_patch")
+        where = f"data.datasets[{k}]"
+        ratio = spec_value(entry, "sample_ratio", 1.0, float, where)
+        mdp = spec_value(entry, "max_dynamic_patch", None, int, where)
+        augment = spec_value(entry, "data_augment", False, bool, where)
         for path in files:
             name = base_name if len(files) == 1 else f"{base_name}/{os.path.relpath(path, anno)}"
             records = _read_records(path, source=name, root=media_root, fmt="xtuner", check_files=check_files)
             order = sample_ratio_indices(len(records), ratio, _rng(seed, name))
-            sources.append(Source(name, "xtuner", path, records, order, bool(_get(entry, "data_augment", False)),
-                                  int(mdp) if mdp is not None else None))
+            sources.append(Source(name, "xtuner", path, records, order, augment, mdp))
     return sources
 
 
@@ -507,6 +609,6 @@ def load_sources(cfg):
     seen = set()
     for s in sources:
         if s.name in seen:
-            raise ValueError(f"duplicate source name {s.name!r}; give each dataset a unique name")
+            raise DataError(f"duplicate source name {s.name!r}; give each dataset a unique name")
         seen.add(s.name)
     return sources

@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+from mmjax.errors import UserError
+
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -57,6 +59,14 @@ def image_token_ids(tokenizer):
     return tuple(_token_id(tokenizer, t) for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))
 
 
+class TokenizerError(UserError, ValueError):
+    """A tokenizer directory that cannot be read (one-line message naming it)."""
+
+
+# the files a tokenizer directory holds at least one of (fast, sentencepiece, BPE vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "qwen.tiktoken")
+
+
 def load_tokenizer(path):
     """Load a checkpoint tokenizer without remote code and ensure the InternVL tokens exist.
 
@@ -70,7 +80,10 @@ def load_tokenizer(path):
     """
     from transformers import AutoTokenizer
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        raise TokenizerError(f"tokenizer directory not found: {path}")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise TokenizerError(f"no tokenizer in {path}: none of {', '.join(TOKENIZER_FILES)} (copy them from the "
+                             "original checkpoint, or point config.tokenizer_path at a directory holding them)")
     errors = []
     tok = None
     from transformers.utils import logging as hf_logging
@@ -88,7 +101,7 @@ def load_tokenizer(path):
         except Exception as e:
             errors.append(f"sentencepiece fallback: {type(e).__name__}: {e}")
     if tok is None:
-        raise ValueError(f"cannot load a tokenizer from {path}: " + " | ".join(errors))
+        raise TokenizerError(f"cannot load a tokenizer from {path}: " + " | ".join(e[:300] for e in errors))
     ensure_internvl_tokens(tok)
     if tok.pad_token is None:
         for cand in ("<|endoftext|>", "</s>", tok.eos_token, tok.unk_token):

@@ -55,11 +55,28 @@ def _internvl_chat(vision: dict, llm: dict, template: str) -> dict:
                 use_llm_lora=0, use_backbone_lora=0, vision_config=dict(vision), llm_config=dict(llm))
 
 
+# Intern-S1-mini (XTuner's InternS1MiniConfig: InternViT-300M in transformers' field names, Qwen3-8B
+# with a 153,216-row vocabulary, <IMG_CONTEXT> 152957), as the transformers InternVL config it mirrors
+_INTERN_S1_MINI = dict(
+    architectures=["InternS1ForConditionalGeneration"], model_type="interns1", image_token_id=152957,
+    downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+    vision_feature_select_strategy="default", tie_word_embeddings=False,
+    vision_config=dict(model_type="interns1_vision", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                       intermediate_size=4096, image_size=[448, 448], patch_size=[14, 14], num_channels=3,
+                       norm_type="layer_norm", layer_norm_eps=1e-6, attention_bias=True, use_qk_norm=False,
+                       layer_scale_init_value=0.1, drop_path_rate=0.0, hidden_act="gelu",
+                       use_absolute_position_embeddings=True, use_mean_pooling=True),
+    text_config=dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=153216, hidden_size=4096,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     intermediate_size=12288, rope_theta=1000000.0, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, attention_bias=False))
+
 # folder name -> (config.json, the tokenizer's <IMG_CONTEXT> id)
 CHECKPOINTS: dict[str, tuple[dict, int]] = {
     "Mini-InternVL-Chat-2B-V1-5": (_internvl_chat(_VIT_300M, _INTERNLM2_1_8B, "internlm2-chat"), 92546),
     "Mini-InternVL-Chat-4B-V1-5": (_internvl_chat(_VIT_300M, _PHI3_MINI_128K, "phi3-chat"), 32013),
     "InternVL-Chat-V1-5": (_internvl_chat(_VIT_6B_V1_5, _INTERNLM2_20B, "internlm2-chat"), 92546),
+    "Intern-S1-mini": (_INTERN_S1_MINI, 152957),
 }
 
 

@@ -122,9 +122,9 @@ class InternVLConfig:
         mt = config.get("model_type")
         if mt == "internvl_chat":
             return cls.from_internvl_chat(config, image_token_id, **overrides)
-        if mt == "internvl":
+        if mt in ("internvl", "interns1"):   # Intern-S1's config has transformers InternVL's fields
             return cls.from_hf_internvl(config, image_token_id, **overrides)
-        raise ValueError(f"not an InternVL config (model_type {mt!r}; expected internvl_chat or internvl)")
+        raise ValueError(f"not an InternVL config (model_type {mt!r}; expected internvl_chat, internvl or interns1)")
 
 
 def canonical_hf_key(key: str) -> str:

@@ -25,36 +25,32 @@ def main(argv):
     del argv
     from absl import logging
 
+    from mmjax.errors import config_or_exit, exit_on_expected
     from mmjax.train import cluster
 
-    try:   # before anything touches a JAX device
-        joined = cluster.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                    auto=_MULTIHOST.value)
-    except cluster.ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    joined = exit_on_expected(cluster.initialize, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              auto=_MULTIHOST.value)   # before anything touches a JAX device
     if joined:
         print(f"multi-process run: {joined}", flush=True)
 
-    from mmjax.data.samples import SkipBudgetExceeded
     from mmjax.train.preemption import EXIT_PREEMPTED, Preempted
     from mmjax.train.run import train
-    from mmjax.train.setup import ConfigError
-    from mmjax.weights import CheckpointError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # orbax / grain INFO lines drown the progress line
-    cfg = _CONFIG.value
+    cfg = config_or_exit(_CONFIG)
     workdir = _WORKDIR.value or os.path.join("workdirs", cfg.name)
     try:
-        train(cfg, workdir)
-    except (ConfigError, CheckpointError, SkipBudgetExceeded) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_expected(train, cfg, workdir)   # bad input: one line on stderr, exit 2; a bug: its traceback
     except Preempted as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:   # a second Ctrl-C: no save; the previous checkpoint is whole
+        print("interrupted: stopped without saving; the workdir's latest checkpoint is intact",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mmjax.errors import parse_flags_or_exit
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -26,13 +26,53 @@ class RunCheckpointer:
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.every_steps = max(int(every_steps), 1)
+        # cleanup_tmp_directories: a save killed midway (or failed on a full disk) leaves a
+        # temporary directory; the next run removes it
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+                                               enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        # handlers named up front: a fresh manager can then read one item, or an item's metadata,
+        # of a checkpoint it did not write
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def saved_config(self, step: int) -> dict:
+        """The config a checkpoint was written with (only that item is read)."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def state_mismatch(self, step: int, target_state) -> str | None:
+        """How the checkpoint's train state differs from ``target_state``'s entries and shapes (from
+        its metadata alone), or None: a checkpoint of another model or trainable set."""
+        tree = self.manager.item_metadata(step)["state"]
+        saved = dict(getattr(tree, "tree", tree))
+        want = {k: tuple(x.shape) for k, x in _flat(target_state).items()}
+        missing = [k for k in want if k not in saved]
+        extra = [k for k in saved if k not in want]
+        if missing or extra:
+            return (f"{len(missing)} entries of this run's state are not in it (e.g. {missing[0]})" if missing else
+                    f"it holds {len(extra)} entries this run does not have (e.g. {extra[0]})")
+        for k, shape in want.items():
+            if tuple(saved[k].shape) != shape:
+                return f"{k} is {tuple(saved[k].shape)} there, {shape} here"
+        return None
+
+    def set_aside(self, step: int) -> str:
+        """Rename a checkpoint that cannot be read to ``<step>.corrupt[-k]`` (kept for inspection,
+        invisible to the manager, so the step can be written again)."""
+        src = os.path.join(self.directory, str(step))
+        dst, k = f"{src}.corrupt", 1
+        while os.path.exists(dst):
+            dst, k = f"{src}.corrupt-{k}", k + 1
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
 
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0

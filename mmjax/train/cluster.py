@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 
+from mmjax.errors import UserError
 
-class ClusterError(ValueError):
+
+class ClusterError(UserError, ValueError):
     """The multi-process flags do not describe a run (one-line message)."""
 
 

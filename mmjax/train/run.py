@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mmjax.data.batch import COUNT_KEYS
+from mmjax.errors import UserError
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import preemption
@@ -23,13 +24,26 @@ from mmjax.train.setup import Run, build_run
 
 
 def train(cfg, workdir: str) -> dict:
-    """Run (or resume) training; returns a summary dict (final step, last loss, exports, eval accuracy)."""
+    """Run (or resume) training; returns a summary dict (final step, last loss, exports, eval accuracy).
+    One run at a time holds ``workdir`` (:mod:`mmjax.train.lock`)."""
+    import contextlib
+    from mmjax.train.lock import WorkdirLock
+    with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(cfg, workdir)
+
+
+def _train(cfg, workdir: str) -> dict:
     run = build_run(cfg, workdir=workdir)       # validates the config before anything is written
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ckpt_lib.RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                             every_steps=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep,
                                             async_save=cfg.checkpoint.async_save)
-    start = resume(run, checkpointer)
+    try:
+        start = resume(run, checkpointer)
+    except BaseException:
+        checkpointer.close()
+        run.loader.close()
+        raise
     print(startup_summary(run, start), flush=True)
     writer = metrics_lib.MetricsWriter(workdir)
     try:
@@ -40,10 +54,19 @@ def train(cfg, workdir: str) -> dict:
             raise preemption.Preempted(stop.signame, step, checkpointer.directory)
         if stop_reason:
             writer.close()
-            raise RuntimeError(f"stopping: {stop_reason}; the last good checkpoint in "
-                               f"{checkpointer.directory} is intact")
+            checkpointer.manager.wait_until_finished()
+            latest = checkpointer.latest_step()
+            streak = int(last.get("train/nonfinite_streak", 0))
+            last_update = int(last["step"]) - streak
+            raise TrainingStopped(
+                f"stopping at step {last['step']}: {stop_reason} (NaN / Inf loss or gradient; those updates were skipped). "
+                + (f"Last finite update: step {last_update}. " if last_update > start else
+                   f"No step of this run (from step {start}) was finite: the weights or the data are broken. ")
+                + (f"Latest checkpoint: {checkpointer.directory}/{latest}, holding the weights of step "
+                   f"{min(latest, last_update) if last_update > start else start}" if latest
+                   else "No checkpoint was written"))
         if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, run.loader.get_state(), ckpt_lib.config_json(cfg), force=True)
+            checkpointer.save(step, state, run.loader.get_state(), saved_config(run, checkpointer), force=True)
     finally:
         checkpointer.close()
         run.loader.close()
@@ -61,14 +84,47 @@ def train(cfg, workdir: str) -> dict:
 
 
 def resume(run: Run, checkpointer: ckpt_lib.RunCheckpointer) -> int:
-    """Restore the latest complete checkpoint into ``run.state`` and the loader; returns its step (0: none)."""
-    start = checkpointer.latest_step()
-    if start is None:
-        return 0
-    run.state, data_state, _ = checkpointer.restore(start, run.state)
-    run.loader.set_state(data_state)
-    print(f"resumed from {checkpointer.directory}/{start}", flush=True)
+    """Restore the newest intact checkpoint written by this run's settings into ``run.state`` and the
+    loader (:mod:`mmjax.train.resume`); returns its step (0: none)."""
+    from mmjax.train.resume import restore_latest
+    start, notes = restore_latest(run, checkpointer, saved_config(run, checkpointer))
+    for note in notes:
+        print(note, flush=True)
+    if start:
+        print(f"resumed from {checkpointer.directory}/{start}", flush=True)
     return int(start)
+
+
+WORKDIR_MARK = "${workdir}"   # a saved path inside the run's workdir is kept relative to it
+
+
+def saved_config(run: Run, checkpointer: ckpt_lib.RunCheckpointer) -> dict:
+    """What a checkpoint records of its run: the config, with paths inside the workdir (the
+    checkpoints directory's parent: the embedded default's generated checkpoint and data) written
+    relative to it, so a workdir moved or copied elsewhere resumes; and under ``data.fingerprint``
+    the number of records of each source and samples an epoch, so a resume notices data files that
+    changed under an unchanged config (:mod:`mmjax.train.resume` compares them)."""
+    root = os.path.dirname(checkpointer.directory) + os.sep
+
+    def rel(v):
+        if isinstance(v, dict):
+            return {k: rel(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rel(x) for x in v]
+        if isinstance(v, str) and os.path.isabs(v) and os.path.abspath(v).startswith(root):
+            return os.path.join(WORKDIR_MARK, os.path.relpath(os.path.abspath(v), root))
+        return v
+
+    out = rel(ckpt_lib.config_json(run.cfg))
+    source = getattr(run.dataset, "mmjax_source", None)
+    if source is not None:
+        out["data"]["fingerprint"] = {"samples": int(source.total_samples),
+                                      "records": {s.name: len(s.records) for s in source.sources}}
+    return out
+
+
+class TrainingStopped(UserError):
+    """The run stopped itself (too many non-finite steps); the message says what the checkpoints hold."""
 
 
 PREEMPTED = "preempted"   # loop's stop reason after a signal (its checkpoint written)
@@ -90,10 +146,12 @@ def loop(run: Run, checkpointer, writer, start: int, stop_request: "preemption.S
     def finish(p):
         m = finish_metrics(p, writer, progress, flops, peak, cfg, run.total_steps)
         streak = int(m["train/nonfinite_streak"])
+        m = dict(m, step=p[0])   # the step these metrics are of (they arrive one step late)
         return m, (f"{streak} consecutive non-finite steps" if streak >= cfg.max_nonfinite_steps else None)
 
     while step < run.total_steps:
         host = next(run.loader)
+        run.check_token_ids(host)
         stats = {k: float(np.sum(host[k])) for k in COUNT_KEYS if k in host}
         state, m = run.step_fn(state, run.frozen, run.rest, run.to_global(host))
         step += 1
@@ -104,11 +162,11 @@ def loop(run: Run, checkpointer, writer, start: int, stop_request: "preemption.S
         pending = (step, m, stats)
         saved = checkpointer.should_save(step)
         if saved:
-            checkpointer.save(step, state, run.loader.get_state(), ckpt_lib.config_json(cfg))
+            checkpointer.save(step, state, run.loader.get_state(), saved_config(run, checkpointer))
         if stop_request is not None and step < run.total_steps and stop_request.should_stop(step):
             last, _ = finish(pending)
             if not saved:
-                checkpointer.save(step, state, run.loader.get_state(), ckpt_lib.config_json(cfg), force=True)
+                checkpointer.save(step, state, run.loader.get_state(), saved_config(run, checkpointer), force=True)
             return state, step, last, PREEMPTED
     if pending is not None:
         last, stop = finish(pending)
@@ -140,6 +198,7 @@ def write_atomically(target: str, write) -> str:
     of two exports."""
     import shutil
     path = os.path.abspath(target)
+    recover_export(path)
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -157,6 +216,24 @@ def write_atomically(target: str, write) -> str:
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def recover_export(path: str) -> None:
+    """Tidy what an export killed midway left beside ``path``: when ``path`` is missing (killed
+    between the two renames) the newest complete directory (the new one, else the previous one)
+    takes its place; every other leftover (``.tmp-<pid>``, ``.old-<pid>``) is removed."""
+    import glob
+    import shutil
+    left = sorted(glob.glob(f"{glob.escape(path)}.tmp-*") + glob.glob(f"{glob.escape(path)}.old-*"),
+                  key=lambda p: (".tmp-" in p, os.path.getmtime(p)), reverse=True)
+    if not os.path.exists(path):
+        for candidate in left:
+            if os.path.exists(os.path.join(candidate, COMPLETE_MARKER)):
+                os.rename(candidate, path)
+                left.remove(candidate)
+                break
+    for leftover in left:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def export(run: Run, model, workdir: str) -> dict:

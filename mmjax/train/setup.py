@@ -27,16 +27,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax import sharding as shd
 from mmjax.data.batch import batch_shapes, row_keys
+from mmjax.data.config import known_templates
 from mmjax.data.xcomposer import TEMPLATE as XCOMPOSER_TEMPLATE
 from mmjax.dtypes import model_dtype
+from mmjax.errors import UserError
 from mmjax.models.options import ModelOptions
 from mmjax.train import optim as optim_lib
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config that cannot run (one-line message naming the key)."""
 
 
 def model_options(cfg, img_context_token_id: int | None = None) -> ModelOptions:
@@ -89,6 +91,16 @@ def validate_config(cfg, checkpoint_required: bool = True, devices=None) -> dict
             model_dtype(cfg.model[key], f"config.model.{key}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.export.hf:   # found now, not after training
+        from mmjax.weights.saver import export_dtype
+        try:
+            export_dtype(cfg.export.dtype)
+        except ValueError as e:
+            raise ConfigError(f"config.export.dtype: {e}") from None
+    template = cfg.data.get("template", "")
+    if template and template not in known_templates():
+        raise ConfigError(f"config.data.template={template!r}: unknown; choose from {known_templates()} (or '' for "
+                          "the checkpoint's own)")
     if cfg.freeze.backbone and cfg.freeze.mlp and cfg.freeze.llm and not (cfg.lora.llm_rank or cfg.lora.vit_rank) \
             and not cfg.freeze.unfreeze_vit_layers:
         raise ConfigError("every parameter is frozen (freeze.backbone, freeze.mlp, freeze.llm) and no LoRA rank "
@@ -100,6 +112,8 @@ def validate_config(cfg, checkpoint_required: bool = True, devices=None) -> dict
             name = os.path.basename(os.path.normpath(cfg.model_path))
             raise ConfigError(f"config.model_path {cfg.model_path} does not exist; download it with "
                               f"`huggingface-cli download OpenGVLab/{name} --local-dir {cfg.model_path}`")
+        from mmjax.weights.loader import check_directory
+        check_directory(cfg.model_path)   # config.json and the safetensors present, before anything runs
     if cfg.eval.enabled and not cfg.synthetic.enabled and not cfg.eval.annotation:
         raise ConfigError("config.eval.enabled is set but config.eval.annotation is empty: name a held-out "
                           "InternVL JSONL (and eval.root for its images)")
@@ -136,6 +150,16 @@ class Run:
     loader: Any = None
     abstract: bool = False
     image_tokens: bool = False   # batches carry XComposer2's image_token / image_tile (mmjax.data.batch)
+    vocab_size: int = 0          # embedding rows: every token id of a batch must be below it
+
+    def check_token_ids(self, host_batch: dict) -> None:
+        """A batch holding an id past the embedding (an added tokenizer token the model lacks) is an
+        error naming the id: the gather would read no weights. A host max over the ids, before the step."""
+        top = int(np.max(host_batch["input_ids"])) if np.size(host_batch["input_ids"]) else -1
+        if self.vocab_size and top >= self.vocab_size:
+            name = self.tokenizer.convert_ids_to_tokens(top) if self.tokenizer is not None else "?"
+            raise ConfigError(f"a batch holds token id {top} ({name!r}), but the embedding of {self.cfg.model_path} "
+                              f"has {self.vocab_size} rows: the tokenizer holds tokens the model does not")
 
     # ---- batches ----------------------------------------------------------------------------
 
@@ -184,13 +208,18 @@ def build_run(cfg, devices=None, *, abstract: bool = False, workdir: str | None 
 def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_config, with_data: bool) -> Run:
     from mmjax.models.lora import partial_lora_dropout_modules
 
+    layout, config = _model_config(cfg, hf_config)   # config.json first: a tokenizer load reads it too
     tokenizer = _load_tokenizer(cfg, required=with_data and not abstract)
-    layout, config = _model_config(cfg, hf_config)
     options = model_options(cfg, _image_token_id(cfg, layout, tokenizer))
     model = _build_model(cfg, layout, config, options, abstract=abstract, from_checkpoint=hf_config is None,
                          mesh=mesh)
     has_vision = hasattr(model, "vision_model")
     use_lora = bool(cfg.lora.llm_rank or cfg.lora.vit_rank)
+    vocab_size = int(step_lib.language_model(model).cfg.vocab_size)
+    if tokenizer is not None and int(tokenizer.vocab_size) > vocab_size:
+        raise ConfigError(f"{_config_name(cfg, hf_config)}: the embedding has {vocab_size} rows, but the tokenizer "
+                          f"({cfg.tokenizer_path or cfg.model_path}) has {tokenizer.vocab_size} base ids: its ids past "
+                          "the embedding would read no weights (a tokenizer of another model?)")
 
     from mmjax.data.templates import resolve_template
     image_tokens = layout == "xcomposer2"
@@ -261,7 +290,7 @@ def _assemble(cfg, mesh: Mesh, rules: dict, notes: list, *, abstract: bool, hf_c
                has_vision=has_vision, use_lora=use_lora, graphdef=graphdef, state=state, frozen=frozen, rest=rest,
                state_shardings=state_sh, frozen_shardings=frozen_sh, rest_shardings=rest_sh, batch_shardings=batch_sh,
                tx=tx, schedule=schedule, update_mask=update_mask, total_steps=total_steps, step_fn=step_fn,
-               dataset=dataset, loader=loader, abstract=abstract, image_tokens=image_tokens)
+               dataset=dataset, loader=loader, abstract=abstract, image_tokens=image_tokens, vocab_size=vocab_size)
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
@@ -304,10 +333,9 @@ def _run_token() -> str:
 
 
 def _load_tokenizer(cfg, required: bool):
-    from mmjax.data.tokenizer import load_tokenizer
+    from mmjax.data.tokenizer import TOKENIZER_FILES, load_tokenizer
     path = cfg.tokenizer_path or cfg.model_path
-    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not required and not (path and any(os.path.exists(os.path.join(path, f)) for f in files)):
+    if not required and not (path and any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)):
         return None   # a run without data needs no tokenizer (the <IMG_CONTEXT> id then comes from the config)
     return load_tokenizer(path)
 

@@ -154,7 +154,14 @@ def _unsupported(what: str) -> CheckpointError:
     fams = ", ".join(supported_text_models())
     return CheckpointError(
         f"unsupported architecture {what}; supported: internvl_chat (upstream InternVL-Chat, LLM one of {fams}), "
-        f"internvl (transformers InternVL, Qwen2/Qwen3 text), or a causal LM of type {fams}")
+        f"internvl / interns1 (transformers InternVL, Intern-S1-mini; Qwen2/Qwen3 text), or a causal LM of type {fams}")
+
+
+# transformers' InternVL layout, and Intern-S1 / Intern-S1-mini's, which names every tensor the same
+# way (model.vision_tower.*, model.multi_modal_projector.*, model.language_model.*, lm_head; XTuner's
+# InternS1 modules carry these names) under its own model_type and remote code
+HF_INTERNVL_TYPES = ("internvl", "interns1")
+HF_INTERNVL_ARCHS = ("InternVLForConditionalGeneration", "InternS1ForConditionalGeneration")
 
 
 def detect_layout(config: dict) -> str:
@@ -167,8 +174,8 @@ def detect_layout(config: dict) -> str:
     if mt == "internvl_chat" or "InternVLChatModel" in archs:
         _text_family(config.get("llm_config") or {}, context="llm_config of internvl_chat")
         return "internvl_chat"
-    if mt == "internvl" or "InternVLForConditionalGeneration" in archs:
-        _text_family(config.get("text_config") or {}, context="text_config of internvl")
+    if mt in HF_INTERNVL_TYPES or any(a in archs for a in HF_INTERNVL_ARCHS):
+        _text_family(config.get("text_config") or {}, context=f"text_config of {mt}")
         return "internvl_hf"
     _text_family(config, context=None)
     return "causal_lm"
@@ -233,7 +240,24 @@ def model_factory(layout: str, config: dict, directory: str | None = None, optio
 
     ``options`` (:class:`mmjax.models.options.ModelOptions`) carries the run-time choices (remat,
     attention backend and block, ViT drop path, ``<IMG_CONTEXT>`` id) to the nested configs they
-    belong to; ``overrides`` replace other fields of the top-level model config."""
+    belong to; ``overrides`` replace other fields of the top-level model config. A config.json that
+    cannot describe a model (a missing field, heads that do not divide) is a ``CheckpointError``
+    naming it."""
+    try:
+        return _model_factory(layout, config, directory, options, **overrides)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{_config_file(directory)}: lacks {e} (needed for a {layout} model)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{_config_file(directory)}: {e}") from None
+
+
+def _config_file(directory: str | None) -> str:
+    return os.path.join(directory, "config.json") if directory else "the model config"
+
+
+def _model_factory(layout: str, config: dict, directory: str | None, options, **overrides):
     from mmjax.models.options import ModelOptions
     options = options or ModelOptions()
     if layout == "causal_lm":

@@ -102,6 +102,51 @@ def check_keys(reader: ShardedReader, table: dict, state, canon: dict[str, str])
         if tuple(got) != want:
             raise CheckpointError(f"tensor {key} in {fname}: checkpoint shape {tuple(got)} != model "
                                   f"shape {want} (config.json does not match the weights)")
+        stored = reader.info(key).dtype
+        if np.issubdtype(np.dtype(var.dtype), np.floating) and stored not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key} in {fname}: stored as {stored}, but a weight is a float "
+                                  f"({', '.join(FLOAT_DTYPES)}): the header's dtype is wrong, or the checkpoint is "
+                                  "quantized (mmjax reads unquantized weights)")
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")   # what a parameter may be stored as
+
+
+_NONFINITE = {}
+
+
+def _nonfinite_count(x, stacked: bool):
+    """Non-finite values of a placed parameter: one count, or one per layer of a stacked one
+    (dispatched, not fetched: the loader reads every count at once at the end)."""
+    import jax
+    import jax.numpy as jnp
+    if stacked not in _NONFINITE:
+        _NONFINITE[stacked] = jax.jit(lambda a: jnp.sum(~jnp.isfinite(a), axis=tuple(range(1, a.ndim))
+                                                        if stacked else None))
+    return _NONFINITE[stacked](x)
+
+
+def _host_value(x) -> np.ndarray:
+    """A small result array on the host, also when it spans several processes."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _check_finite(counts: list) -> None:
+    """Name the first checkpoint tensor holding NaN / Inf (``counts``: (layer keys, count array))."""
+    for keys, count in counts:
+        per_layer = np.atleast_1d(_host_value(count))
+        bad = np.flatnonzero(per_layer)
+        if bad.size:
+            layer = None if None in keys else int(bad[0])
+            total = int(per_layer.sum())
+            raise CheckpointError(f"tensor {keys[layer]} holds {int(per_layer[bad[0]])} NaN / Inf values"
+                                  + (f" ({total} in {bad.size} layers of this parameter)" if bad.size > 1 else "")
+                                  + ": the checkpoint is damaged, or was saved after a diverged step")
 
 
 def _placement(path, var, sharding_fn, mesh):
@@ -220,7 +265,9 @@ def load_into(model, reader: ShardedReader, sharding_fn: Callable | None = None,
     Every parameter is built shard by shard for the devices of this process (:func:`_build`): each
     shard reads just its slice of the safetensors file(s) (a stacked parameter from its per-layer
     tensors), transposed and cast on the way; host memory holds one shard at a time besides the
-    placed weights, and on several processes each reads only its devices' slices."""
+    placed weights, and on several processes each reads only its devices' slices. Every floating
+    parameter is scanned for NaN / Inf on its devices as it lands (one fetch of the counts at the
+    end), and a weight stored in an integer dtype is refused from the header."""
     from flax import nnx
 
     table = layouts.weight_table(model)
@@ -230,6 +277,7 @@ def load_into(model, reader: ShardedReader, sharding_fn: Callable | None = None,
     check_keys(reader, table, params, canon)
 
     sources: dict[tuple, tuple] = {}   # param path -> (rule, {layer index or None: checkpoint key})
+    counts = []                        # (layer keys, non-finite count): the start-up scan
     for key in canon:
         rule, layer = table[canon[key]]
         sources.setdefault(tuple(rule.path), (rule, {}))[1][layer] = key
@@ -243,8 +291,12 @@ def load_into(model, reader: ShardedReader, sharding_fn: Callable | None = None,
         if None not in keys and len(keys) != shape[0]:   # every layer key was checked present: a depth mismatch
             raise CheckpointError(f"parameter {'/'.join(map(str, path))}: {shape[0] - len(keys)} layer slices not "
                                   f"found in the checkpoint")
-        var.set_value(_build(reader, rule, keys, shape, dtype, _placement(path, var, sharding_fn, mesh)))
+        value = _build(reader, rule, keys, shape, dtype, _placement(path, var, sharding_fn, mesh))
+        if np.issubdtype(dtype, np.floating):
+            counts.append((keys, _nonfinite_count(value, None not in keys)))
+        var.set_value(value)
     reader.close()
+    _check_finite(counts)
     nnx.update(model, params)
 
 

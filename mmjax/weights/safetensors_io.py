@@ -26,6 +26,8 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from mmjax.errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -41,7 +43,7 @@ DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory or file cannot be read or does not match the model (one-line message)."""
 
 

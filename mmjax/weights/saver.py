@@ -39,6 +39,17 @@ def _mm_to_hf_shape(rule, shape):
     return tuple(shape)
 
 
+def export_dtype(dtype) -> str | None:
+    """The safetensors dtype name ``save_pretrained(dtype=)`` converts floating tensors to (None:
+    each keeps its own); ``CheckpointError`` for anything but a floating dtype."""
+    if dtype is None or dtype == "":
+        return None
+    override = dtype_name(dtype)
+    if override not in _FLOAT:
+        raise CheckpointError(f"export dtype must be a floating dtype ({', '.join(_FLOAT)}), got {dtype!r}")
+    return override
+
+
 def _out_dtype(orig: str, override: str | None) -> str:
     return override if (override is not None and orig in _FLOAT) else orig
 
@@ -145,9 +156,7 @@ def save_pretrained(model, out_dir, dtype: str | None = None, *, layout: str | N
         raise CheckpointError("model carries LoRA adapters: merge them first (mmjax.models.lora.merge_lora) "
                               "or write them with mmjax.weights.peft_io.save_peft_adapter")
     out_dir = os.fspath(out_dir)
-    override = None if dtype is None else dtype_name(dtype)
-    if override is not None and override not in _FLOAT:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}")
+    override = export_dtype(dtype)
     record = layouts.source_record(model)
     if record is None:
         if hf_config is None and callable(getattr(model, "hf_config", None)):
