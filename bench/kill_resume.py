@@ -136,8 +136,8 @@ def interrupted_run(workdir: str, config: str, extra: list[str], kills: int, rng
             if kind is None and during:
                 during.pop()
                 kind = "kill-export"
-        else:
-            kind = during.pop() if during else None
+        else:   # the export kills left wait for this run to train to its end
+            kind = during.pop() if during else (at_export.pop() if at_export else None)
         # term: within 40 steps (it saves there); kill: within two checkpoint intervals, so it
         # passes a checkpoint about half the time
         span = {"term-step": 40, "kill-step": 2 * every}.get(kind, 0)
